@@ -1,0 +1,14 @@
+"""opdf_exp: a Hydra + Lightning experiment framework for knowledge-distillation research.
+
+Layers (each knows nothing of the ones above it):
+  mpo/, geometry/ theory   -- pure torch math
+  models/, data/, distill/ -- models, data and loss terms, no Hydra
+  lit/                     -- the LightningModule
+  runner/                  -- the only place that reads Hydra configs and composes everything
+"""
+from opdf_exp import _torchvision_compat
+
+# Must run before anything imports torchvision, timm, pytorch_lightning or transformers.
+_torchvision_compat.apply()
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""Tokenize :class:`~opdf_exp.data.sources.TextSplits` once and serve padded batches to Lightning."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from opdf_exp.data.sources import SPLITS, TextSplits
+from opdf_exp.hub import resolve_model_path
+
+
+class _Encoded(Dataset):
+    def __init__(self, encodings: dict[str, list], labels: list, regression: bool):
+        self.encodings = encodings
+        self.labels = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {key: values[index] for key, values in self.encodings.items()}
+        item["labels"] = self.labels[index]
+        return item
+
+
+class TextClassificationDataModule(pl.LightningDataModule):
+    """Tokenizes every split at ``setup`` and pads each batch dynamically (to a multiple of 8 for tensor cores).
+
+    ``source`` is a zero-argument callable returning :class:`TextSplits` (a ``functools.partial`` from the config),
+    so the raw-data layer stays independent of tokenization. ``limit_train_examples`` caps the training split
+    (for quick runs); evaluation splits are never truncated silently.
+    """
+
+    def __init__(self, source: Callable[[], TextSplits], tokenizer: str, max_length: int = 128,
+                 batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
+                 limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
+                 pad_to_multiple_of: int | None = 8):
+        super().__init__()
+        self.source = source
+        self.tokenizer_path = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.limit_train_examples = limit_train_examples
+        self.limit_eval_examples = limit_eval_examples
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.splits: TextSplits | None = None
+        self.datasets: dict[str, _Encoded] = {}
+        self._tokenizer = None
+
+    # -- metadata the runner needs before setup() (num_labels for the classifier head)
+    def load_splits(self) -> TextSplits:
+        if self.splits is None:
+            splits = self.source()
+            if self.limit_train_examples:
+                splits.train = splits.train.subset(range(min(self.limit_train_examples, len(splits.train))))
+            if self.limit_eval_examples:
+                for name in ("validation", "test"):
+                    part = splits.split(name)
+                    setattr(splits, name, part.subset(range(min(self.limit_eval_examples, len(part)))))
+            self.splits = splits
+        return self.splits
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(self.tokenizer_path, override_key="data.tokenizer"))
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        splits = self.load_splits()
+        regression = splits.problem_type == "regression"
+        for name in SPLITS:
+            part = splits.split(name)
+            encodings = self.tokenizer(part.text_a, part.text_b, truncation=True, max_length=self.max_length)
+            self.datasets[name] = _Encoded(dict(encodings), part.labels, regression)
+
+    def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        labels = torch.stack([item.pop("labels") for item in items])
+        batch = self.tokenizer.pad(items, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+        batch = dict(batch)
+        batch["labels"] = labels
+        return batch
+
+    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        self.setup()
+        return DataLoader(self.datasets[name], batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)

@@ -1,0 +1,201 @@
+"""Loss terms. Each is an ``nn.Module`` mapping a :class:`DistillContext` to an unweighted scalar.
+
+Terms say what they need (teacher outputs, hidden states, module taps) so the LightningModule runs only the
+forward passes that are required. ``setup(student, teacher)`` lets a term size itself from the models
+(projection widths, layer maps) once they exist.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from opdf_exp.errors import ConfigError
+
+
+class LossTerm(nn.Module):
+    needs_teacher = False
+    needs_hidden_states = False
+    student_paths: list[str] = []
+    teacher_paths: list[str] = []
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Size the term from the models; called once before training."""
+
+
+class TaskLoss(LossTerm):
+    """Cross-entropy on the labels, or MSE when the head has one output (regression, e.g. STS-B)."""
+
+    def forward(self, ctx) -> torch.Tensor:
+        logits = ctx.student.logits
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), ctx.labels.float())
+        return F.cross_entropy(logits.float(), ctx.labels)
+
+
+class LogitKL(LossTerm):
+    """KL(teacher || student) on temperature-softened logits, mean over examples (Hinton et al. 2015).
+
+    ``t2_scaling`` multiplies by T^2 so the soft-target gradients keep their size as T grows (Hinton's choice;
+    the LGTM/OPDF code omits it). With a single logit (regression) softmax is constant and KL is identically zero
+    (the LGTM STS-B bug), so this term falls back to MSE between the logits and warns once.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 1.0, t2_scaling: bool = True):
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"distill.terms.kd.temperature={temperature} must be > 0")
+        self.temperature = float(temperature)
+        self.t2_scaling = bool(t2_scaling)
+        self._warned = False
+
+    def forward(self, ctx) -> torch.Tensor:
+        student, teacher = ctx.student.logits.float(), ctx.teacher.logits.float()
+        if student.shape[-1] != teacher.shape[-1]:
+            raise ConfigError(f"student has {student.shape[-1]} logits but teacher has {teacher.shape[-1]}; "
+                              "give both the same number of labels")
+        if student.shape[-1] == 1:
+            if not self._warned:
+                warnings.warn("single-logit head: logit KL is identically zero, using MSE between logits instead")
+                self._warned = True
+            return F.mse_loss(student, teacher)
+        t = self.temperature
+        log_p_student = F.log_softmax(student.reshape(-1, student.shape[-1]) / t, dim=-1)
+        log_p_teacher = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / t, dim=-1)
+        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+        return kl * (t * t) if self.t2_scaling else kl
+
+
+def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over real (non-padding) tokens and features."""
+    diff = (student.float() - teacher.float()) ** 2
+    if mask is None or diff.dim() != 3:
+        return diff.mean()
+    weights = mask.to(diff.dtype).unsqueeze(-1)
+    return (diff * weights).sum() / (weights.sum() * diff.shape[-1]).clamp_min(1.0)
+
+
+def _projection(student_dim: int, teacher_dim: int, projection: bool | str, where: str) -> nn.Module:
+    if projection == "auto":
+        projection = student_dim != teacher_dim
+    if projection:
+        return nn.Linear(student_dim, teacher_dim)
+    if student_dim != teacher_dim:
+        raise ConfigError(f"{where}: student width {student_dim} != teacher width {teacher_dim}; "
+                          f"set {where}.projection=true to learn a linear map")
+    return nn.Identity()
+
+
+class HiddenStateMSE(LossTerm):
+    """MSE between student and teacher hidden states at mapped layers (FitNets / TinyBERT style).
+
+    ``layer_map`` pairs hidden-state indices ``[[student, teacher], ...]`` where 0 is the embedding output and
+    ``i`` the output of block ``i - 1``. ``"auto"`` maps the embeddings to each other and each student block to
+    the teacher block it was initialised from (or a uniform spread). ``projection``: ``true``, ``false`` or
+    ``"auto"`` (only when widths differ) learns one linear map per pair, applied to the student side.
+    """
+
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, layer_map: str | Sequence[Sequence[int]] = "auto", projection: bool | str = "auto"):
+        super().__init__()
+        self.layer_map_spec = layer_map
+        self.projection_spec = projection
+        self.pairs: list[tuple[int, int]] = []
+        self.projections = nn.ModuleList()
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        from opdf_exp.models.layers import find_layer_stack, uniform_layer_map
+
+        if teacher is None:
+            raise ConfigError("distill.terms.hidden needs a teacher")
+        n_student, n_teacher = len(find_layer_stack(student)[1]), len(find_layer_stack(teacher)[1])
+        if self.layer_map_spec == "auto":
+            origin = getattr(student, "distill_teacher_layers", None) or uniform_layer_map(n_student, n_teacher)
+            pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(origin)]
+        else:
+            pairs = [(int(s), int(t)) for s, t in self.layer_map_spec]
+        for s, t in pairs:
+            if not (0 <= s <= n_student and 0 <= t <= n_teacher):
+                raise ConfigError(f"distill.terms.hidden.layer_map pair [{s}, {t}] is out of range: hidden states run "
+                                  f"0..{n_student} for the student and 0..{n_teacher} for the teacher")
+        self.pairs = pairs
+        d_student, d_teacher = student.config.hidden_size, teacher.config.hidden_size
+        self.projections = nn.ModuleList(
+            _projection(d_student, d_teacher, self.projection_spec, "distill.terms.hidden") for _ in pairs)
+
+    def forward(self, ctx) -> torch.Tensor:
+        hs, ht = ctx.student.hidden_states, ctx.teacher.hidden_states
+        losses = [_masked_mse(proj(hs[s]), ht[t], ctx.attention_mask)
+                  for (s, t), proj in zip(self.pairs, self.projections)]
+        return torch.stack(losses).mean()
+
+
+class ModuleOutputMSE(LossTerm):
+    """MSE between outputs of arbitrary student and teacher modules named by path (captured with hooks).
+
+    ``pairs``: ``[[student_module_path, teacher_module_path], ...]``. Works for any architecture, including
+    timm models and subquadratic students, without rewriting their forward.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, pairs: Sequence[Sequence[str]], projection: bool | str = "auto"):
+        super().__init__()
+        if not pairs:
+            raise ConfigError("distill.terms.features.pairs is empty; give [[student_path, teacher_path], ...]")
+        self.pairs = [(str(s), str(t)) for s, t in pairs]
+        self.student_paths = [s for s, _ in self.pairs]
+        self.teacher_paths = [t for _, t in self.pairs]
+        self.projection_spec = projection
+        self.projections = nn.ModuleList()
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if teacher is None:
+            raise ConfigError("distill.terms.features needs a teacher")
+        self.projections = nn.ModuleList()
+        for s, t in self.pairs:
+            d_s, d_t = _output_width(student, s), _output_width(teacher, t)
+            self.projections.append(_projection(d_s, d_t, self.projection_spec, "distill.terms.features"))
+
+    def forward(self, ctx) -> torch.Tensor:
+        losses = [_masked_mse(proj(ctx.student_features[s]), ctx.teacher_features[t], ctx.attention_mask)
+                  for (s, t), proj in zip(self.pairs, self.projections)]
+        return torch.stack(losses).mean()
+
+
+def _output_width(model: nn.Module, path: str) -> int:
+    from opdf_exp.distill.taps import ForwardTaps
+
+    ForwardTaps(model, [path]).remove()  # validates the path with a clear error
+    module = dict(model.named_modules())[path]
+    for attr in ("out_features", "hidden_size", "embedding_dim", "normalized_shape"):
+        value = getattr(module, attr, None)
+        if value is not None:
+            return int(value[0] if isinstance(value, (tuple, list)) else value)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "hidden_size"):
+        return int(config.hidden_size)
+    raise ConfigError(f"cannot infer the output width of '{path}'; set projection=false and match widths")
+
+
+class TensorAlignment(LossTerm):
+    """OPDF's tensor-alignment loss (MSE between student and teacher auxiliary MPO tensors).
+
+    It reads the student's live parameters, so it has a gradient (the public code's version did not). It needs
+    no batch data; its teacher-side tensors come from an MPO decomposition of the teacher built in ``setup``
+    by the runner (see :mod:`opdf_exp.mpo.align`).
+    """
+
+    def __init__(self, alignment: nn.Module):
+        super().__init__()
+        self.alignment = alignment
+
+    def forward(self, ctx) -> torch.Tensor:
+        return self.alignment()

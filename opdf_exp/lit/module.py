@@ -1,0 +1,169 @@
+"""One LightningModule for fine-tuning a teacher and for distilling a student.
+
+Fine-tuning is distillation with no teacher and only the task term, so both stages share this class, its
+metrics and its logging. The teacher is frozen (eval mode, no grad) and its weights are left out of
+checkpoints: it is rebuilt by the runner and re-inserted on load, so checkpoints stay student-sized.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torchmetrics
+
+from opdf_exp.distill.loss import DistillationLoss, DistillContext
+from opdf_exp.distill.taps import ForwardTaps
+from opdf_exp.errors import ConfigError
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+
+
+def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torchmetrics.MetricCollection:
+    """Metric objects by short name; unknown names fail with the list of known ones."""
+    regression = problem_type == "regression"
+    factories: dict[str, Callable[[], torchmetrics.Metric]] = {
+        "pearson": lambda: torchmetrics.PearsonCorrCoef(),
+        "spearman": lambda: torchmetrics.SpearmanCorrCoef(),
+    } if regression else {
+        "acc": lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_labels),
+        "f1": lambda: (torchmetrics.F1Score(task="binary") if num_labels == 2 else
+                       torchmetrics.F1Score(task="multiclass", num_classes=num_labels, average="macro")),
+        "mcc": lambda: torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=num_labels),
+    }
+    unknown = [n for n in names if n not in factories]
+    if unknown:
+        raise ConfigError(f"data.metrics has {unknown}, not available for {problem_type}; use some of {sorted(factories)}")
+    return torchmetrics.MetricCollection({name: factories[name]() for name in names})
+
+
+class DistillationModule(pl.LightningModule):
+    """Trains ``student`` with ``loss``; ``teacher`` (optional) is frozen.
+
+    Metric names are ``{prefix}{split}/{name}`` (e.g. ``val/acc``, ``kd_opdf/test/acc``) and every loss term is
+    logged unweighted as ``{prefix}train/loss/{term}`` next to the weighted total ``{prefix}train/loss``.
+    """
+
+    def __init__(self, student: nn.Module, loss: DistillationLoss, teacher: nn.Module | None = None, *,
+                 problem_type: str = "single_label_classification", num_labels: int = 2,
+                 metrics: list[str] | None = None, lr: float = 5e-5, weight_decay: float = 0.01,
+                 warmup_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), scheduler: str = "linear",
+                 log_prefix: str = "", compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher", "loss"])
+        self.student = student
+        self.loss = loss
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        elif loss.needs_teacher:
+            raise ConfigError(f"loss terms {list(loss.active)} need a teacher but none was given")
+        self.prefix = log_prefix
+        metric_names = list(metrics or (["pearson", "spearman"] if problem_type == "regression" else ["acc", "f1"]))
+        self.val_metrics = build_metrics(problem_type, num_labels, metric_names).clone(prefix=f"{log_prefix}val/")
+        self.test_metrics = build_metrics(problem_type, num_labels, metric_names).clone(prefix=f"{log_prefix}test/")
+        self.regression = problem_type == "regression"
+        student_paths, teacher_paths = loss.tap_paths()
+        self._student_taps = ForwardTaps(student, student_paths) if student_paths else None
+        self._teacher_taps = ForwardTaps(teacher, teacher_paths) if teacher_paths and teacher is not None else None
+
+    # -- teacher stays in eval mode whatever Lightning does with .train()
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.student = torch.compile(self.student)
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+
+    def forward(self, batch: dict[str, torch.Tensor], hidden_states: bool = False):
+        return self.student(**self.model_inputs(batch), output_hidden_states=hidden_states, return_dict=True)
+
+    def _context(self, batch: dict[str, torch.Tensor]) -> DistillContext:
+        hidden = self.loss.needs_hidden_states
+        student_out = self(batch, hidden_states=hidden)
+        teacher_out = None
+        if self.loss.needs_teacher:
+            with torch.no_grad():
+                teacher_out = self.teacher(**self.model_inputs(batch), output_hidden_states=hidden, return_dict=True)
+        return DistillContext(
+            student=student_out, teacher=teacher_out, labels=batch.get("labels"),
+            attention_mask=batch.get("attention_mask"),
+            student_features=dict(self._student_taps.outputs) if self._student_taps else {},
+            teacher_features=dict(self._teacher_taps.outputs) if self._teacher_taps else {})
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        total, terms = self.loss(self._context(batch))
+        batch_size = batch["labels"].shape[0]
+        self.log(f"{self.prefix}train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            self.log(f"{self.prefix}train/loss/{name}", value.detach(), batch_size=batch_size)
+        return total
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: torchmetrics.MetricCollection, split: str) -> None:
+        logits = self(batch).logits
+        labels = batch["labels"]
+        if self.regression:
+            preds = logits.squeeze(-1).float()
+            loss = nn.functional.mse_loss(preds, labels.float())
+        else:
+            preds = logits.argmax(-1)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        metrics.update(preds, labels)
+        self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0])
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    # -- optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in list(self.student.parameters()) + list(self.loss.parameters()) if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for module in (self.student, self.loss):
+            for name, param in module.named_parameters():
+                if not param.requires_grad:
+                    continue
+                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        if hp.scheduler == "constant":
+            return optimizer
+        if hp.scheduler not in ("linear", "cosine"):
+            raise ConfigError(f"scheduler={hp.scheduler!r} is unknown; use linear, cosine or constant")
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        make = get_linear_schedule_with_warmup if hp.scheduler == "linear" else get_cosine_schedule_with_warmup
+        schedule = make(optimizer, int(hp.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints hold the student (and loss projections), never the frozen teacher
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

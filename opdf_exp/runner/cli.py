@@ -1,0 +1,111 @@
+"""Command-line entry point: ``python -m opdf_exp [overrides] [-m]``.
+
+Before handing over to Hydra, the overrides are composed once (sweeps reduced to their first value) so that a
+typo, an unknown option or a missing config file fails in under a second with one line naming the fix, instead
+of Hydra's multi-line report or a failure deep inside a sweep.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from opdf_exp.errors import UserError
+from opdf_exp.runner import resolvers
+
+CONFIG_MODULE = "opdf_exp.conf"
+CONFIG_NAME = "config"
+EXIT_USAGE = 2
+# Hydra flags that take a value (skipped when collecting overrides).
+_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                     "--package", "-p", "--experimental-rerun"}
+
+
+def one_line(message: str) -> str:
+    """Flatten a (Hydra) error message into one line; option lists become comma-separated."""
+    text = str(message).split("Config search path")[0]
+    out: list[str] = []
+    listing = False
+    for line in (raw.strip() for raw in text.splitlines()):
+        if not line:
+            continue
+        if listing and out:
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + line
+            continue
+        listing = line.endswith(":")
+        out.append(line.rstrip("."))
+    return ". ".join(out)
+
+
+def _collect_overrides(argv: list[str]) -> tuple[list[str], str]:
+    overrides, config_name, skip = [], CONFIG_NAME, False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--config-name", "-cn") and index + 1 < len(argv):
+            config_name = argv[index + 1]
+        if arg in _FLAGS_WITH_VALUE:
+            skip = True
+            continue
+        if arg.startswith("-"):
+            continue
+        overrides.append(arg)
+    return overrides, config_name
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """Replace every sweep (``a=1,2``, ``range()``, ``glob()``) by its first value for a dry composition."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            try:
+                first = next(iter(override.sweep_string_iterator()))
+            except Exception:  # glob sweeps need the options list: leave validation to Hydra
+                continue
+            single.append(f"{override.get_key_element()}={first}")
+        else:
+            single.append(text)
+    return single
+
+
+def validate_overrides(argv: list[str]) -> None:
+    """Compose the config once; raise :class:`UserError` with a one-line message on any problem."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides, config_name = _collect_overrides(argv)
+    try:
+        overrides = _first_of_sweeps(overrides)
+        GlobalHydra.instance().clear()
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise UserError(one_line(str(error))) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from opdf_exp.runner.app import run_job
+
+    return run_job(cfg)
+
+
+def main() -> None:
+    resolvers.register()
+    argv = sys.argv[1:]
+    if not any(a in ("--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc") for a in argv):
+        try:
+            validate_overrides(argv)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+    _hydra_main()

@@ -1,0 +1,271 @@
+"""The distillation task: fine-tune (or load) a teacher, then train one or more students against it.
+
+Stages of one job, in order:
+1. data: load splits and the tokenizer (bad paths, missing columns and an offline hub fail here, in seconds);
+2. teacher: build it and fine-tune it on the task, or reuse a cached fine-tune with the same config;
+3. students: for each variant, build the student, apply the decomposition (OPDF), assemble the loss, train,
+   evaluate, contract MPO layers back to dense and save a ``from_pretrained``-loadable folder.
+
+A *variant* is a named list of overrides in command-line syntax (``[decomposition=mpo]``) applied on top of this
+job's own overrides, so a comparison table reuses one teacher and one config language.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from opdf_exp.distill.loss import DistillationLoss
+from opdf_exp.distill.terms import TaskLoss, TensorAlignment
+from opdf_exp.errors import ConfigError
+from opdf_exp.lit.module import DistillationModule
+from opdf_exp.runner.app import job_overrides
+from opdf_exp.runner.loggers import build_loggers, log_final
+from opdf_exp.runner.report import markdown_table, write_table
+from opdf_exp.runner.trainer import build_trainer
+from opdf_exp.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+TEACHER_PREFIX = "teacher/"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _evaluate(trainer: pl.Trainer, module: pl.LightningModule, datamodule) -> dict[str, float]:
+    """Validation and test metrics of the best checkpoint (the current weights when none was saved)."""
+    callback = trainer.checkpoint_callback
+    ckpt = "best" if callback is not None and callback.best_model_path else None
+    metrics: dict[str, float] = {}
+    for result in trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+        metrics.update(result)
+    for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+        metrics.update(result)
+    return {k: float(v) for k, v in metrics.items() if "/loss" not in k or k.endswith("val/loss")}
+
+
+def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """Save to a temporary sibling folder, then swap it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def student_params(student: torch.nn.Module, loss: torch.nn.Module) -> dict[str, int]:
+    """``train``: trainable parameters during distillation (MPO tensors and loss projections included);
+    ``inference``: parameters of the deployed student after MPO layers are contracted back to dense."""
+    from opdf_exp.mpo import count_params
+
+    counts = count_params(student)
+    return {"train": int(counts["train"]) + _count(loss, trainable_only=True), "inference": int(counts["inference"])}
+
+
+def _optim_kwargs(optim: DictConfig) -> dict[str, Any]:
+    return {k: (tuple(v) if k == "betas" else v) for k, v in OmegaConf.to_container(optim, resolve=True).items()}
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+def _teacher_cache_key(cfg: DictConfig) -> str:
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for volatile in ("default_root_dir", "enable_progress_bar", "log_every_n_steps", "enable_model_summary"):
+        trainer.pop(volatile, None)
+    blob = json.dumps({"teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+                       "data": OmegaConf.to_container(cfg.data, resolve=True), "trainer": trainer,
+                       "seed": int(cfg.seed)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.nn.Module, dict[str, float], dict]:
+    """Build the teacher; fine-tune it on the task (or reuse a cached fine-tune); return it with its metrics."""
+    finetune = cfg.teacher.finetune
+    teacher = hydra.utils.instantiate(cfg.teacher.model)
+    splits = datamodule.load_splits()
+    info = {"params": _count(teacher), "cached": False}
+    cache = Path(cfg.paths.cache_dir) / "teachers" / _teacher_cache_key(cfg)
+    if finetune.enabled and finetune.cache and (cache / "metrics.json").is_file():
+        from transformers import AutoModelForSequenceClassification
+
+        log.info("reusing fine-tuned teacher from %s", cache)
+        teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
+        info["cached"] = True
+        return teacher, json.loads((cache / "metrics.json").read_text()), info
+    loss = DistillationLoss({"task": TaskLoss()}, {"task": 1.0})
+    module = DistillationModule(teacher, loss, problem_type=splits.problem_type, num_labels=splits.num_labels,
+                                metrics=list(cfg.data.metrics), log_prefix=TEACHER_PREFIX,
+                                **_optim_kwargs(finetune.optim))
+    trainer = build_trainer(cfg, "teacher", TEACHER_PREFIX, loggers, finetune.trainer if finetune.enabled else None)
+    started = time.perf_counter()
+    if finetune.enabled:
+        trainer.fit(module, datamodule=datamodule)
+    info["train_time_s"] = round(time.perf_counter() - started, 1)
+    metrics = _evaluate(trainer, module, datamodule)
+    teacher = module.student
+    if finetune.enabled and finetune.cache and not trainer.fast_dev_run:
+        _save_pretrained_atomic(teacher, None, cache / "model")
+        atomic_write_json(cache / "metrics.json", metrics)
+    return teacher, metrics, info
+
+
+# ----------------------------------------------------------------------------------------------- students
+def variant_plan(cfg: DictConfig, variants: Mapping | None) -> list[tuple[str, str, DictConfig]]:
+    """``[(name, label, config)]``: each variant's overrides composed on top of this job's overrides."""
+    if not variants:
+        return [("student", "student", cfg)]
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    config_name = HydraConfig.get().job.config_name if HydraConfig.initialized() else "config"
+    base = job_overrides()
+    plan = []
+    for name, spec in variants.items():
+        extra = list(spec.get("overrides", []) or [])
+        try:
+            variant_cfg = compose(config_name=config_name, overrides=base + extra)
+        except Exception as error:  # Hydra's errors are multi-line; keep ours to one
+            raise ConfigError(f"variant '{name}' overrides {extra} do not compose: {' '.join(str(error).split())}") from None
+        plan.append((str(name), str(spec.get("label", name)), variant_cfg))
+    return plan
+
+
+def build_loss(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> DistillationLoss:
+    """Instantiate every ``distill.terms`` entry (popping its ``weight``), plus OPDF's tensor alignment when the
+    decomposition asks for it; then let each term size itself from the models."""
+    terms, weights = {}, {}
+    for name, entry in (cfg.distill.terms or {}).items():
+        entry = OmegaConf.to_container(entry, resolve=True)
+        weights[name] = float(entry.pop("weight", 1.0))
+        terms[name] = hydra.utils.instantiate(entry)
+    align = cfg.decomposition.get("align")
+    if cfg.decomposition.kind != "none" and align and float(align.weight) > 0:
+        terms["align"] = TensorAlignment(_tensor_alignment(cfg, student, teacher))
+        weights["align"] = float(align.weight)
+    loss = DistillationLoss(terms, weights)
+    for name, term in loss.terms.items():
+        if weights[name] > 0:
+            term.setup(student, teacher)
+    return loss
+
+
+def _decomposition_kwargs(decomposition: DictConfig) -> dict[str, Any]:
+    keys = ("kind", "n", "factors", "max_bond", "targets", "train_central", "train_aux")
+    return {k: OmegaConf.to_container(decomposition[k], resolve=True) if OmegaConf.is_config(decomposition[k])
+            else decomposition[k] for k in keys if k in decomposition}
+
+
+def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
+    """Decompose a copy of the teacher with the same shapes and pair its tensors with the student's."""
+    from opdf_exp.mpo import TensorAlignmentLoss, apply_decomposition
+
+    align = cfg.decomposition.align
+    teacher_mpo = apply_decomposition(copy.deepcopy(teacher), **_decomposition_kwargs(cfg.decomposition))
+    layer_map = align.get("layer_map")
+    if layer_map == "from_student":
+        origin = getattr(student, "distill_teacher_layers", None)
+        layer_map = {i: t for i, t in enumerate(origin)} if origin else None
+    elif OmegaConf.is_config(layer_map):
+        layer_map = {int(k): int(v) for k, v in OmegaConf.to_container(layer_map).items()}
+    elif layer_map == "uniform":
+        layer_map = None
+    return TensorAlignmentLoss(student, teacher_mpo, layer_map=layer_map, indices=align.indices,
+                               on_mismatch=align.on_mismatch)
+
+
+def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: torch.nn.Module, datamodule,
+                  loggers: list) -> dict[str, Any]:
+    from opdf_exp.mpo import apply_decomposition, export_dense
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # each variant reproducible on its own
+    splits = datamodule.load_splits()
+    build = hydra.utils.instantiate(cfg.student.model)
+    student = build(teacher=teacher)
+    decomposition = cfg.decomposition
+    if decomposition.kind != "none":
+        started = time.perf_counter()
+        apply_decomposition(student, **_decomposition_kwargs(decomposition))
+        log.info("%s: decomposition %s applied in %.2f s", name, decomposition.kind, time.perf_counter() - started)
+    loss = build_loss(cfg, student, teacher)
+    params = student_params(student, loss)
+    log.info("%s: loss = %s; params train=%d inference=%d", name, loss.formula(), params["train"], params["inference"])
+    module = DistillationModule(student, loss, teacher if loss.needs_teacher else None,
+                                problem_type=splits.problem_type, num_labels=splits.num_labels,
+                                metrics=list(cfg.data.metrics), log_prefix=prefix, **_optim_kwargs(cfg.optim))
+    trainer = build_trainer(cfg, name, prefix, loggers)
+    started = time.perf_counter()
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_time = time.perf_counter() - started
+    metrics = _evaluate(trainer, module, datamodule)
+    row: dict[str, Any] = {"name": name, "label": label, "loss": loss.formula(), "params": params,
+                           "train_time_s": round(train_time, 1), "metrics": metrics}
+    if decomposition.kind != "none":
+        export_dense(module.student)
+        dense = {k: float(v) for result in trainer.test(module, datamodule=datamodule, verbose=False)
+                 for k, v in result.items() if "/loss" not in k}
+        row["dense_export"] = {"metrics": dense,
+                               "max_metric_change": max((abs(dense[k] - metrics[k]) for k in dense if k in metrics),
+                                                        default=0.0),
+                               "params": _count(module.student)}
+    if cfg.get("save_student", True) and not trainer.fast_dev_run:
+        folder = Path(cfg.paths.output_dir) / "students" / name
+        _save_pretrained_atomic(module.student, datamodule.tokenizer, folder)
+        row["saved_to"] = str(folder)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- task
+def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = None) -> dict[str, Any]:
+    """Hydra task entry point (``task=distill``)."""
+    datamodule = hydra.utils.instantiate(cfg.data.module)
+    splits = datamodule.load_splits()
+    if splits.num_labels != int(cfg.data.num_labels):
+        raise ConfigError(f"data.num_labels={cfg.data.num_labels} but the data has {splits.num_labels} labels; "
+                          f"set data.num_labels={splits.num_labels}")
+    datamodule.tokenizer  # noqa: B018 - resolve the tokenizer now so an offline hub fails before any training
+    plan = variant_plan(cfg, variants)
+    if cfg.get("ckpt_path") and len(plan) > 1:
+        raise ConfigError("ckpt_path resumes a single student; set task.variants={} or run the variant on its own")
+    loggers = build_loggers(cfg.get("logger"))
+    teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
+    rows = [train_student(vcfg, name, label, f"{name}/" if len(plan) > 1 else "", teacher, datamodule, loggers)
+            for name, label, vcfg in plan]
+
+    metrics = dict(teacher_metrics)
+    for row in rows:
+        metrics.update(row["metrics"])
+    main_row = next((r for r in rows if r["name"] == primary), rows[-1])
+    metric_names = list(cfg.data.metrics)
+    table_rows = [{"model": f"teacher ({cfg.teacher.name})", **{f"test {m}": teacher_metrics.get(f"{TEACHER_PREFIX}test/{m}") for m in metric_names},
+                   f"val {cfg.data.metric}": teacher_metrics.get(f"{TEACHER_PREFIX}val/{cfg.data.metric}"),
+                   "train params": teacher_info["params"], "inference params": teacher_info["params"],
+                   "train time (s)": teacher_info.get("train_time_s")}]
+    for row in rows:
+        pre = f"{row['name']}/" if len(plan) > 1 else ""
+        table_rows.append({"model": row["label"], **{f"test {m}": row["metrics"].get(f"{pre}test/{m}") for m in metric_names},
+                           f"val {cfg.data.metric}": row["metrics"].get(f"{pre}val/{cfg.data.metric}"),
+                           "train params": row["params"]["train"], "inference params": row["params"]["inference"],
+                           "train time (s)": row["train_time_s"]})
+    output_dir = Path(cfg.paths.output_dir)
+    write_table(table_rows, output_dir / "results_table")
+    log_final(loggers, OmegaConf.to_container(cfg, resolve=True), metrics)
+    return {"metrics": metrics, "params": main_row["params"],
+            "teacher": {"metrics": teacher_metrics, **teacher_info},
+            "variants": rows, "tables": {"Results": markdown_table(table_rows)}}
