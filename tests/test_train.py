@@ -1,0 +1,172 @@
+"""End-to-end jobs on tiny random models: fast dev runs, resume, multirun, loggers, bad input, offline fast-fail."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+from opdf_exp.runner.app import run_job, run_task
+from tests.helpers.hydra import compose_job
+from tests.helpers.run_if import SHARED, RunIf
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL_EXPERIMENTS = sorted(p.stem for p in Path(str(files("opdf_exp.conf"))).joinpath("experiment").glob("*.yaml")
+                             if "override /task" not in p.read_text())
+
+
+def tiny_glue(folder: Path, n: int = 48) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [f"{'a great film' if i % 2 else 'a dull film'} number {i}\t{i % 2}" for i in range(n)]
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OPDF_ROOT": str(cwd), **env}
+    return subprocess.run([sys.executable, "-m", "opdf_exp", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+@pytest.mark.parametrize("name", DISTILL_EXPERIMENTS)
+def test_fast_dev_run_every_experiment(name, tmp_path, tiny_overrides):
+    extra = [f"data.path={tiny_glue(tmp_path / 'SST-2')}"] if name == "bert_glue" else []
+    with compose_job([f"+experiment={name}", *tiny_overrides, "debug=fdr", *extra], tmp_path) as cfg:
+        result = run_task(cfg)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["metrics"] and payload["params"]["train"] >= payload["params"]["inference"] > 0
+    assert result["variants"]
+
+
+def test_multi_variant_job_writes_table_params_and_loadable_dense_students(tmp_path, tiny_overrides):
+    from transformers import AutoModelForSequenceClassification
+
+    with compose_job([*tiny_overrides, "decomposition.n=3"], tmp_path) as cfg:
+        run_task(cfg)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["name"]: row for row in payload["variants"]}
+    assert list(rows) == ["no_kd", "kd", "kd_svd", "kd_opdf"]
+    dense = rows["kd"]["params"]["inference"]
+    for name in ("kd_svd", "kd_opdf"):
+        assert rows[name]["params"]["inference"] == dense  # contracted back to the plain student's size
+        assert rows[name]["params"]["train"] > dense  # over-parameterized while training
+        assert rows[name]["dense_export"]["params"] == dense
+        assert rows[name]["dense_export"]["max_metric_change"] < 1e-6
+    assert "align" in rows["kd_opdf"]["loss"] and "kd" not in rows["no_kd"]["loss"]
+    assert payload["params"] == rows["kd_opdf"]["params"]
+    table = (tmp_path / "results_table.md").read_text()
+    for label in ("teacher", "student (no KD)", "KD + SVD (n=2)", "KD + OPDF (MPO)"):
+        assert label in table
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "students" / "kd_opdf")
+    assert reloaded.config.num_hidden_layers == 3
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for column in ("kd/train/loss", "kd/train/loss/kd", "kd/train/loss/task", "kd_opdf/train/loss/align",
+                   "teacher/val/acc", "kd_opdf/test/acc"):
+        assert column in metrics.split(","), column
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path, tiny_overrides):
+    common = [*tiny_overrides, "task.variants=null", "trainer.val_check_interval=2", "trainer.max_steps=4"]
+    with compose_job(common, tmp_path / "first") as cfg:
+        run_task(cfg)
+    last = tmp_path / "first" / "checkpoints" / "student" / "last.ckpt"
+    assert last.is_file()
+    with compose_job([*common, "trainer.max_steps=6", f"ckpt_path={last}"], tmp_path / "second") as cfg:
+        result = run_task(cfg)
+    assert result["variants"][0]["steps"] == 6
+    import torch
+
+    assert torch.load(tmp_path / "second" / "checkpoints" / "student" / "last.ckpt", weights_only=False)["global_step"] == 6
+    first = torch.load(last, weights_only=False)
+    assert not any(key.startswith("teacher.") for key in first["state_dict"])  # checkpoints hold the student only
+
+
+@RunIf(packages=("wandb",))
+def test_wandb_offline_run_per_job_and_csv_tensorboard(tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with compose_job([*tiny_overrides, "task.variants=null", "logger=many_loggers"], tmp_path) as cfg:
+        run_job(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert "train/loss/kd" in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    import wandb
+
+    assert wandb.run is None  # closed by the job wrapper
+
+
+def test_wandb_mode_auto_goes_offline_without_credentials(tmp_path, monkeypatch):
+    from opdf_exp.runner.loggers import resolve_wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled"
+
+
+BAD_INPUTS = {
+    "missing_file": (["data=glue/sst2", "data.path=/nonexistent/SST-2"], "data.path"),
+    "missing_label_column": (["data=glue/sst2", "data.label_column=polarity"], "data.label_column"),
+    "layer_map_past_depth": (["student.model.layers=[0,9]"], "points past the teacher"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_error_and_no_results(case, tmp_path, tiny_overrides, capsys):
+    overrides, expected = BAD_INPUTS[case]
+    if case == "missing_label_column":
+        overrides = [*overrides, f"data.path={tiny_glue(tmp_path / 'SST-2')}"]
+    with compose_job([*tiny_overrides, *overrides], tmp_path / "out") as cfg:
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_unknown_option_and_offline_hub_fail_fast(tmp_path):
+    started = time.perf_counter()
+    result = run_cli(["trainer.max_stepz=3"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: Could not override 'trainer.max_stepz'. "
+                                                  "To append to your config use +trainer.max_stepz=3"]
+    result = run_cli(["+experiment=bert_glue", "data=glue/sst2"], tmp_path, timeout=120)
+    elapsed = time.perf_counter() - started
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "data.path=" in lines[0], lines
+    assert "Traceback" not in result.stderr + result.stdout
+    assert elapsed < 90  # two interpreter starts (≈10 s each on 2 cores) and no retry loop
+    assert not list(tmp_path.rglob("results.json"))
+
+
+@RunIf(shared=True)
+def test_offline_teacher_fails_fast_with_local_sst2(tmp_path):
+    result = run_cli(["+experiment=bert_glue", "data=glue/sst2", f"data.path={SHARED}/data/glue/SST-2"], tmp_path,
+                     timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "teacher.model.name_or_path=" in lines[0], lines
+
+
+def test_multirun_two_jobs_in_separate_folders(tmp_path, tiny_overrides):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "seed=1,2", *tiny_overrides, "task.variants=null", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payloads = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert [p["seed"] for p in payloads] == [1, 2]
+    assert payloads[0]["overrides"][0] == "seed=1" and payloads[1]["overrides"][0] == "seed=2"
+    assert all(p["params"]["train"] > 0 and "val/acc" in p["metrics"] for p in payloads)
+    assert (sweep / "multirun.yaml").is_file()
