@@ -36,18 +36,18 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess
 
 @pytest.mark.parametrize("name", DISTILL_EXPERIMENTS)
 def test_fast_dev_run_every_experiment(name, tmp_path, tiny_overrides):
-    extra = [f"data.path={tiny_glue(tmp_path / 'SST-2')}"] if name == "bert_glue" else []
+    extra = [f"data.path={tiny_glue(tmp_path / 'SST-2')}", "student.model.num_layers=2"] if name == "bert_glue" else []
     with compose_job([f"+experiment={name}", *tiny_overrides, "debug=fdr", *extra], tmp_path) as cfg:
         result = run_task(cfg)
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert payload["metrics"] and payload["params"]["train"] >= payload["params"]["inference"] > 0
+    assert payload["metrics"] and payload["params"]["train"] > 0 and payload["params"]["inference"] > 0
     assert result["variants"]
 
 
 def test_multi_variant_job_writes_table_params_and_loadable_dense_students(tmp_path, tiny_overrides):
     from transformers import AutoModelForSequenceClassification
 
-    with compose_job([*tiny_overrides, "decomposition.n=3"], tmp_path) as cfg:
+    with compose_job([*tiny_overrides, "decomposition.n=3", "logger=csv"], tmp_path) as cfg:
         run_task(cfg)
     payload = json.loads((tmp_path / "results.json").read_text())
     rows = {row["name"]: row for row in payload["variants"]}
@@ -55,7 +55,7 @@ def test_multi_variant_job_writes_table_params_and_loadable_dense_students(tmp_p
     dense = rows["kd"]["params"]["inference"]
     for name in ("kd_svd", "kd_opdf"):
         assert rows[name]["params"]["inference"] == dense  # contracted back to the plain student's size
-        assert rows[name]["params"]["train"] > dense  # over-parameterized while training
+        assert rows[name]["params"]["train"] > rows["kd"]["params"]["train"]  # over-parameterized while training
         assert rows[name]["dense_export"]["params"] == dense
         assert rows[name]["dense_export"]["max_metric_change"] < 1e-6
     assert "align" in rows["kd_opdf"]["loss"] and "kd" not in rows["no_kd"]["loss"]

@@ -32,6 +32,7 @@ from opdf_exp.distill.terms import TaskLoss, TensorAlignment
 from opdf_exp.errors import ConfigError
 from opdf_exp.hub import resolve_model_path
 from opdf_exp.lit.module import DistillationModule
+from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.runner.app import job_overrides
 from opdf_exp.runner.loggers import build_loggers, log_final
 from opdf_exp.runner.report import markdown_table, write_table
@@ -100,15 +101,17 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
     finetune = cfg.teacher.finetune
     teacher = hydra.utils.instantiate(cfg.teacher.model)
     splits = datamodule.load_splits()
-    info = {"params": _count(teacher), "cached": False}
+    info: dict[str, Any] = {"params": {"train": 0, "inference": _count(teacher)}, "cached": False}
     cache = Path(cfg.paths.cache_dir) / "teachers" / _teacher_cache_key(cfg)
-    if finetune.enabled and finetune.cache and (cache / "metrics.json").is_file():
+    if finetune.enabled and finetune.cache and (cache / "teacher.json").is_file():
         from transformers import AutoModelForSequenceClassification
 
         log.info("reusing fine-tuned teacher from %s", cache)
         teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
-        info["cached"] = True
-        return teacher, json.loads((cache / "metrics.json").read_text()), info
+        saved = json.loads((cache / "teacher.json").read_text())
+        return teacher, saved["metrics"], {**saved["info"], "cached": True, "cache_dir": str(cache)}
+    freeze_parameters(teacher, finetune.get("freeze"))
+    info["params"]["train"] = _count(teacher, trainable_only=True) if finetune.enabled else 0
     loss = DistillationLoss({"task": TaskLoss()}, {"task": 1.0})
     module = DistillationModule(teacher, loss, problem_type=splits.problem_type, num_labels=splits.num_labels,
                                 metrics=list(cfg.data.metrics), log_prefix=TEACHER_PREFIX,
@@ -122,7 +125,7 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
     teacher = module.student
     if finetune.enabled and finetune.cache and not trainer.fast_dev_run:
         _save_pretrained_atomic(teacher, None, cache / "model")
-        atomic_write_json(cache / "metrics.json", metrics)
+        atomic_write_json(cache / "teacher.json", {"metrics": metrics, "info": info})  # written last: marks done
     return teacher, metrics, info
 
 
@@ -196,6 +199,7 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     splits = datamodule.load_splits()
     build = hydra.utils.instantiate(cfg.student.model)
     student = build(teacher=teacher)
+    freeze_parameters(student, cfg.student.get("freeze"))
     decomposition = cfg.decomposition
     if decomposition.kind != "none":
         from opdf_exp.mpo import apply_decomposition
@@ -214,9 +218,10 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_time = time.perf_counter() - started
+    steps = int(trainer.global_step)  # before evaluation restores the best checkpoint's counter
     metrics = _evaluate(trainer, module, datamodule)
     row: dict[str, Any] = {"name": name, "label": label, "loss": loss.formula(), "params": params,
-                           "steps": int(trainer.global_step), "train_time_s": round(train_time, 1),
+                           "steps": steps, "train_time_s": round(train_time, 1),
                            "metrics": metrics}
     if decomposition.kind != "none":
         from opdf_exp.mpo import export_dense
@@ -262,7 +267,8 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     metric_names = list(cfg.data.metrics)
     table_rows = [{"model": f"teacher ({cfg.teacher.name})", **{f"test {m}": teacher_metrics.get(f"{TEACHER_PREFIX}test/{m}") for m in metric_names},
                    f"val {cfg.data.metric}": teacher_metrics.get(f"{TEACHER_PREFIX}val/{cfg.data.metric}"),
-                   "train params": teacher_info["params"], "inference params": teacher_info["params"],
+                   "train params": teacher_info["params"]["train"],
+                   "inference params": teacher_info["params"]["inference"],
                    "train time (s)": teacher_info.get("train_time_s")}]
     for row in rows:
         pre = f"{row['name']}/" if len(plan) > 1 else ""
