@@ -79,7 +79,7 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path, tiny_override
     assert last.is_file()
     with compose_job([*common, "trainer.max_steps=6", f"ckpt_path={last}"], tmp_path / "second") as cfg:
         result = run_task(cfg)
-    assert result["variants"][0]["steps"] == 6
+    assert result["variants"][0]["steps"] == 6, result["variants"][0]
     import torch
 
     assert torch.load(tmp_path / "second" / "checkpoints" / "student" / "last.ckpt", weights_only=False)["global_step"] == 6

@@ -56,6 +56,14 @@ def _evaluate(trainer: pl.Trainer, module: pl.LightningModule, datamodule) -> di
     return {k: float(v) for k, v in metrics.items() if "/loss" not in k or k.endswith("val/loss")}
 
 
+def _save_last(trainer: pl.Trainer) -> None:
+    """Lightning writes ``last.ckpt`` only at validation time; re-write it at the end of training so that
+    ``ckpt_path=.../last.ckpt`` resumes from the true final step."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.save_last and callback.dirpath and not trainer.fast_dev_run:
+        trainer.save_checkpoint(os.path.join(callback.dirpath, f"{callback.CHECKPOINT_NAME_LAST}.ckpt"))
+
+
 def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     """Save to a temporary sibling folder, then swap it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +128,7 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
     started = time.perf_counter()
     if finetune.enabled:
         trainer.fit(module, datamodule=datamodule)
+        _save_last(trainer)
     info["train_time_s"] = round(time.perf_counter() - started, 1)
     metrics = _evaluate(trainer, module, datamodule)
     teacher = module.student
@@ -219,6 +228,7 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_time = time.perf_counter() - started
     steps = int(trainer.global_step)  # before evaluation restores the best checkpoint's counter
+    _save_last(trainer)
     metrics = _evaluate(trainer, module, datamodule)
     row: dict[str, Any] = {"name": name, "label": label, "loss": loss.formula(), "params": params,
                            "steps": steps, "train_time_s": round(train_time, 1),
