@@ -179,7 +179,7 @@ def build_loss(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Modu
 
 
 def _decomposition_kwargs(decomposition: DictConfig) -> dict[str, Any]:
-    keys = ("kind", "n", "factors", "max_bond", "targets", "train_central", "train_aux")
+    keys = ("kind", "n", "factors", "layout", "gauge", "max_bond", "targets", "train_central", "train_aux")
     return {k: OmegaConf.to_container(decomposition[k], resolve=True) if OmegaConf.is_config(decomposition[k])
             else decomposition[k] for k in keys if k in decomposition}
 
