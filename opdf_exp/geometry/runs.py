@@ -1,0 +1,442 @@
+"""End-to-end geometry experiments from plain parameter dicts (no Hydra, no DictConfig).
+
+:func:`run_toy_experiment` (the 48-config toy study) and :func:`run_floor_experiment` (teacher -> SAE ->
+width-swept students -> calibrated fit -> probes) write every artifact into ``output_dir`` and return
+``{"metrics", "params", "tables"}`` as the runner expects. ``opdf_exp.geometry.tasks`` adapts Hydra configs to them.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opdf_exp.errors import ConfigError
+from opdf_exp.geometry import theory
+from opdf_exp.geometry.report import finite_metrics, write_json, write_table
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------ parameters
+TOY_DEFAULTS: dict[str, Any] = {
+    "n_features": [10, 20, 40],
+    "alphas": [0.8, 0.9, 0.95, 0.99],
+    "teacher_widths": [3, 5, 8, 10],
+    "include_teacher_width": False,
+    "importance": {"kind": "zipf", "s": 1.0, "base": 0.7},
+    "seeds": 1,
+    "controls": True,
+    "train": {"steps": 3000, "student_steps": None, "batch_size": 256, "lr": 3e-3, "warmup_steps": 0,
+              "schedule": "cosine"},
+    "eval": {"samples": 65536, "seed": 1234, "chunk": 2048},
+    "survival_threshold": 0.5,
+    "floor_metric": "task",
+    "predictor": "eq2",
+    "equilibrium": {"a": 1.03, "b": 0.53, "fit": False},
+    "num_threads": 1,
+    "plots": True,
+}
+
+FLOOR_DEFAULTS: dict[str, Any] = {
+    "corpus": {"name": "bbc", "path": None, "max_docs": None, "eval_fraction": 0.15, "split_seed": 0},
+    "tokenizer": "byte",
+    "seq_len": 128,
+    "teacher": {"pretrained": None, "width": 64, "layers": 3, "heads": None, "ffn_mult": 4.0, "rotary_pct": 0.25,
+                "train": {"steps": 800, "batch_size": 16, "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01,
+                          "warmup_steps": None, "eval_every": 100, "eval_batches": 8}},
+    "hook": {"layer": 1, "module": None},
+    "sae": {"kind": "topk", "n_latents": 512, "expansion": None, "k": 16, "l1_coeff": 1e-3, "aux_k": 0,
+            "aux_coeff": 0.03125, "dead_after_tokens": 100000, "steps": 1000, "batch_size": 2048, "lr": 3e-3,
+            "warmup_steps": 0, "normalize": True, "alive_threshold": 1e-5, "n_tokens": 200000},
+    "students": {"widths": [8, 16, 32, 48, 64], "layers": None, "temperature": 2.0, "floor_tail": 0.1,
+                 "train": {"steps": 400, "batch_size": 16, "lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01,
+                           "warmup_steps": None, "eval_every": 40, "eval_batches": 8}},
+    "fit": {"primary": "ols"},
+    "probe": {"enabled": True, "docs": "all", "windows_per_doc": 1, "token_windows": 600, "n_fine": 6, "n_blocks": 3,
+              "block_size": 32, "max_per_class": 1000, "min_rate": 0.002},
+    "trainer": {"accelerator": "cpu", "precision": "32-true", "devices": 1},
+    "num_threads": 1,
+    "plots": True,
+}
+
+
+def merge_params(defaults: dict, given: dict | None, prefix: str = "task") -> dict:
+    """Deep-merge ``given`` into a copy of ``defaults``; unknown keys raise a one-line ConfigError."""
+    out = copy.deepcopy(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise ConfigError(f"unknown option {prefix}.{key}; known options: {', '.join(sorted(defaults))}")
+        if isinstance(defaults[key], dict) and isinstance(value, dict):
+            out[key] = merge_params(defaults[key], value, f"{prefix}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def _seed_list(seeds, base: int) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ConfigError(f"seeds={seeds} must be >= 1 (a count) or a list of seeds")
+        return [base + i for i in range(seeds)]
+    return [int(s) for s in seeds]
+
+
+class _Threads:
+    def __init__(self, n):
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        if self.n:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(int(self.n))
+
+    def __exit__(self, *exc):
+        if self.before:
+            torch.set_num_threads(self.before)
+
+
+# ------------------------------------------------------------------------------------------------- toy study
+def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 0) -> dict:
+    from opdf_exp.geometry import toy
+
+    p = merge_params(TOY_DEFAULTS, params)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if p["predictor"] not in toy.PREDICTORS:
+        raise ConfigError(f"task.predictor={p['predictor']} is unknown; use one of {', '.join(toy.PREDICTORS)}")
+    if p["floor_metric"] not in toy.FLOOR_METRICS:
+        raise ConfigError(f"task.floor_metric={p['floor_metric']} is unknown; use one of {', '.join(toy.FLOOR_METRICS)}")
+    started = time.perf_counter()
+    sweep = toy.ToySweep(n_features=list(p["n_features"]), alphas=list(p["alphas"]),
+                         teacher_widths=list(p["teacher_widths"]), seeds=_seed_list(p["seeds"], seed),
+                         importance=dict(p["importance"]), include_teacher_width=bool(p["include_teacher_width"]),
+                         controls=bool(p["controls"]))
+    tr, ev = p["train"], p["eval"]
+    cfg = toy.ToyTrainConfig(steps=int(tr["steps"]), student_steps=tr["student_steps"], batch_size=int(tr["batch_size"]),
+                             lr=float(tr["lr"]), warmup_steps=int(tr["warmup_steps"]), schedule=str(tr["schedule"]),
+                             eval_samples=int(ev["samples"]), eval_seed=int(ev["seed"]), eval_chunk=int(ev["chunk"]),
+                             survival_threshold=float(p["survival_threshold"]))
+    log.info("toy sweep: %d models (%d configs x seeds %s), %d steps per phase", len(sweep.models),
+             len(sweep.n_features) * len(sweep.alphas) * len(sweep.teacher_widths), sweep.seeds, cfg.steps)
+    run = toy.run_toy_sweep(sweep, cfg, seed=seed, num_threads=p["num_threads"])
+    log.info("toy sweep trained: %s", {k: round(v, 1) for k, v in run.timings.items()})
+    fitted = toy.fitted_packing_law(run)
+    eq = p["equilibrium"]
+    a, b = (fitted if (eq["fit"] and fitted) else (float(eq["a"]), float(eq["b"])))
+    rows = toy.floor_rows(run, p["floor_metric"], (a, b))
+    n_configs = len({(r["n"], r["alpha"], r["d_T"]) for r in rows})
+    summaries = {name: toy.accuracy_summary(rows, name) for name in toy.PREDICTORS}
+    head = summaries[p["predictor"]]
+    wall = time.perf_counter() - started
+
+    tables: dict[str, str] = {}
+    columns = ["n", "alpha", "d_T", "d_S", "seeds", "d_star", "d_over_dstar", "stratum", "kept_eq2",
+               "kept_equilibrium", "kept_measured", "observed", "observed_std", "eq2", "naive", "equilibrium",
+               "measured_kept", "teacher_loss", "distill_loss", "control_loss", "capacity_used", "l_zero"]
+    write_table(out, "toy_floors", rows, columns, digits=5)
+    tables["toy_floors (first rows; full table in toy_floors.csv)"] = write_table(
+        out, "toy_floors_head", rows[:12], ["n", "alpha", "d_T", "d_S", "observed", "eq2", "equilibrium",
+                                             "measured_kept", "kept_eq2", "kept_measured"], digits=4)
+    acc_rows = []
+    for metric, label in (("ratio", "min(p,o)/max(p,o)"), ("normalized", "1-|p-o|/L_zero"),
+                          ("pearson_config", "Pearson r per config")):
+        row = {"metric (median over configs)": label}
+        for alpha, values in head["by_alpha"].items():
+            row[f"alpha={alpha:g}"] = values[metric]
+        acc_rows.append(row)
+    tables[f"toy_accuracy ({p['predictor']})"] = write_table(out, "toy_accuracy", acc_rows, digits=3)
+    strata_rows = []
+    for name, s in summaries.items():
+        pooled = s["pooled"]
+        strata_rows.append({"predictor": name, "R2_abs overall": pooled["r2_abs"], "below": pooled["r2_abs_below"],
+                            "near": pooled["r2_abs_near"], "above": pooled["r2_abs_above"],
+                            "Pearson r": pooled["pearson"], "R2 affine (OLS)": pooled["r2_affine"],
+                            "median r per config": pooled["pearson_config_median"]})
+    tables["toy_r2_by_stratum"] = write_table(out, "toy_r2_by_stratum", strata_rows, digits=3)
+    dstar_rows = [{"n": n, **{f"alpha={a_:g}": theory.critical_width(n, a_) for a_ in sweep.alphas}}
+                  for n in sweep.n_features]
+    tables["toy_dstar"] = write_table(out, "toy_dstar", dstar_rows, digits=2)
+
+    figures = {}
+    if p["plots"]:
+        from opdf_exp.geometry import plots
+
+        figures["floor_vs_width"] = str(plots.plot_toy_floors(rows, out / "toy_floor_vs_width.png", p["predictor"]))
+        stats = {k: v["pooled"] for k, v in summaries.items()}
+        figures["pred_vs_obs"] = str(plots.plot_pred_vs_obs(rows, out / "toy_pred_vs_obs.png",
+                                                            ("eq2", "equilibrium", "measured_kept"), stats))
+    pooled = head["pooled"]
+    metrics = {
+        "n_configs": n_configs, "n_points": len(rows), "n_models": len(sweep.models),
+        "pearson_r": pooled["pearson"], "r2_abs": pooled["r2_abs"], "r2_affine": pooled["r2_affine"],
+        "r2_abs_below": pooled["r2_abs_below"], "r2_abs_near": pooled["r2_abs_near"],
+        "r2_abs_above": pooled["r2_abs_above"], "pearson_config_median": pooled["pearson_config_median"],
+        "accuracy_ratio_median": pooled["ratio_median"], "accuracy_normalized_median": pooled["normalized_median"],
+        "wall_time_s": wall, **{f"time_{k}": v for k, v in run.timings.items()},
+    }
+    for alpha, values in head["by_alpha"].items():
+        for key, value in values.items():
+            metrics[f"{key}_alpha{alpha:g}"] = value
+    for name, s in summaries.items():
+        if name != p["predictor"]:
+            metrics[f"{name}_r2_abs"] = s["pooled"]["r2_abs"]
+            metrics[f"{name}_pearson_r"] = s["pooled"]["pearson"]
+    params_out = {"predictor": p["predictor"], "floor_metric": p["floor_metric"], "importance": p["importance"],
+                  "seeds": sweep.seeds, "train": p["train"], "equilibrium_ab": [a, b],
+                  "fitted_packing_law_ab": list(fitted) if fitted else None, "num_threads": p["num_threads"]}
+    write_json(out, "toy_summary.json", {"metrics": metrics, "params": params_out, "figures": figures,
+                                         "summaries": summaries})
+    return {"metrics": finite_metrics(metrics), "params": params_out, "tables": tables, "figures": figures}
+
+
+# ----------------------------------------------------------------------------------------- LM width sweep
+def _load_corpus(c: dict):
+    from opdf_exp.geometry import distill_lm
+
+    if c["name"] == "bbc":
+        docs = distill_lm.load_bbc(c["max_docs"])
+        return docs, list(distill_lm.BBC_LABELS)
+    if c["name"] == "folder":
+        return _load_folder(c["path"], c["max_docs"])
+    raise ConfigError(f"task.corpus.name={c['name']} is unknown; use bbc or folder (with task.corpus.path)")
+
+
+def _load_folder(path, max_docs):
+    from opdf_exp.errors import MissingFileError
+    from opdf_exp.geometry.distill_lm import Document
+
+    if not path or not Path(path).is_dir():
+        raise MissingFileError(f"task.corpus.path={path!r} is not a folder; point it at a folder of .txt files")
+    root = Path(path)
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    groups = subdirs or [root]
+    docs = []
+    for label, folder in enumerate(groups):
+        for f in sorted(folder.rglob("*.txt")):
+            docs.append(Document(f.read_text(errors="replace").strip(), label, str(f.relative_to(root))))
+    if not docs:
+        raise MissingFileError(f"no .txt files under {root}")
+    return docs[:max_docs] if max_docs else docs, [g.name for g in groups]
+
+
+def _device(accelerator: str) -> str:
+    """Where the non-Lightning passes (activation collection, SAE measurement, probes) run."""
+    if str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int = 0) -> dict:
+    """Teacher -> SAE measurement -> students at every width -> observed vs predicted floors -> probes."""
+    from opdf_exp.geometry import distill_lm as lm
+    from opdf_exp.geometry import sae as sae_mod
+
+    p = merge_params(FLOOR_DEFAULTS, params)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    widths = [int(w) for w in theory.check_widths(list(p["students"]["widths"]))]
+    if len(widths) < 2 or min(widths) < 1:
+        raise ConfigError(f"task.students.widths={widths} needs at least two widths >= 1")
+    fit_primary = p["fit"]["primary"]
+    if fit_primary not in theory.FIT_MODES:
+        raise ConfigError(f"task.fit.primary={fit_primary} is unknown; use one of {', '.join(theory.FIT_MODES)}")
+    trainer = p["trainer"]
+    if p["tokenizer"] == "teacher" and not p["teacher"]["pretrained"]:
+        raise ConfigError("task.tokenizer=teacher needs task.teacher.pretrained; use tokenizer=byte or minilm for a "
+                          "teacher trained here")
+    device = _device(trainer["accelerator"])
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with _Threads(p["num_threads"]):
+        # 1. teacher and tokenizer (a pretrained teacher is resolved first: offline, this fails in a second)
+        t = p["teacher"]
+        pretrained = t["pretrained"]
+        if pretrained:
+            teacher = lm.load_pretrained_lm(pretrained, override_key="task.teacher.pretrained")
+            tok_spec = pretrained if p["tokenizer"] in ("teacher", None) else p["tokenizer"]
+            tokenizer = lm.build_tokenizer(tok_spec)
+        else:
+            tokenizer = lm.build_tokenizer(p["tokenizer"])
+        docs, label_names = _load_corpus(p["corpus"])
+        train_docs, held_docs = lm.split_documents(docs, p["corpus"]["eval_fraction"], p["corpus"]["split_seed"])
+        seq_len = int(p["seq_len"])
+        train_windows = lm.pack_windows(lm.encode_stream(train_docs, tokenizer), seq_len)
+        eval_windows = lm.pack_windows(lm.encode_stream(held_docs, tokenizer), seq_len)
+        timings["data_s"] = time.perf_counter() - started
+
+        def train_cfg(section: dict) -> lm.LMTrainConfig:
+            return lm.LMTrainConfig(steps=int(section["steps"]), batch_size=int(section["batch_size"]),
+                                    lr=float(section["lr"]), betas=tuple(section["betas"]),
+                                    weight_decay=float(section["weight_decay"]), warmup_steps=section["warmup_steps"],
+                                    eval_every=int(section["eval_every"]), eval_batches=int(section["eval_batches"]),
+                                    eval_batch_size=int(section["batch_size"]), accelerator=trainer["accelerator"],
+                                    precision=str(trainer["precision"]), devices=trainer["devices"])
+
+        clock = time.perf_counter()
+        teacher_history: list = []
+        if not pretrained:
+            cfg_t = lm.neox_config(tokenizer.vocab_size, int(t["width"]), int(t["layers"]), t["heads"],
+                                   float(t["ffn_mult"]), float(t["rotary_pct"]), max(seq_len, 128),
+                                   tokenizer.eos_token_id)
+            teacher = lm.build_neox(cfg_t, seed)
+            module = lm.CausalLMModule(teacher, lr=float(t["train"]["lr"]), betas=tuple(t["train"]["betas"]),
+                                       weight_decay=float(t["train"]["weight_decay"]))
+            teacher_history = lm.fit_lm(module, train_windows, eval_windows, train_cfg(t["train"]), seed)
+        teacher.eval().requires_grad_(False).to(device)
+        teacher_width = int(teacher.config.hidden_size)
+        teacher_layers = int(teacher.config.num_hidden_layers)
+        teacher_ce = lm.evaluate_lm(teacher, eval_windows, 16, max_batches=16, device=device)
+        timings["teacher_s"] = time.perf_counter() - clock
+        log.info("teacher ready: d=%d, %d layers, held-out CE %.4f (%.1f s)", teacher_width, teacher_layers, teacher_ce,
+                 timings["teacher_s"])
+
+        # 2. SAE on the hooked layer
+        clock = time.perf_counter()
+        hook = p["hook"]["module"] or f"gpt_neox.layers.{int(p['hook']['layer'])}"
+        sae_mod.resolve_module(teacher, hook)
+        s = p["sae"]
+        gen = torch.Generator().manual_seed(seed)
+        n_windows = min(train_windows.shape[0], int(np.ceil(int(s["n_tokens"]) / seq_len)))
+        pick = torch.randperm(train_windows.shape[0], generator=gen)[:n_windows]
+        acts = sae_mod.collect_activations(teacher, hook, (train_windows[pick[i:i + 32]] for i in range(0, n_windows, 32)),
+                                           max_tokens=int(s["n_tokens"]), device=device)
+        teacher.cpu()
+        sae_cfg = sae_mod.SAETrainConfig(kind=s["kind"], n_latents=int(s["n_latents"]), expansion=s["expansion"],
+                                         k=int(s["k"]), l1_coeff=float(s["l1_coeff"]), aux_k=int(s["aux_k"]),
+                                         aux_coeff=float(s["aux_coeff"]), dead_after_tokens=int(s["dead_after_tokens"]),
+                                         steps=int(s["steps"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+                                         warmup_steps=int(s["warmup_steps"]), normalize=bool(s["normalize"]),
+                                         alive_threshold=float(s["alive_threshold"]), seed=seed)
+        sae, scale = sae_mod.train_sae(acts, sae_cfg, trainer["accelerator"])
+        meas = sae_mod.measure(sae, acts, scale, sae_cfg.alive_threshold, device=device)
+        predicted = meas.predicted_floors(widths)
+        kept = meas.kept(widths)
+        timings["sae_s"] = time.perf_counter() - clock
+        log.info("SAE on %s: F=%d alive of %d, L0=%.2f, alpha=%.5f, g=%.3f, d*=%.1f, FVU=%.3f (%.1f s)", hook,
+                 meas.n_alive, meas.n_latents, meas.l0, meas.alpha, meas.g, meas.d_star, meas.fvu, timings["sae_s"])
+
+        # 3. students
+        st = p["students"]
+        layers = int(st["layers"] or teacher_layers)
+        results = []
+        histories = {"teacher": teacher_history}
+        student_models = {}
+        for w in widths:
+            clock = time.perf_counter()
+            cfg_s = lm.neox_config(int(teacher.config.vocab_size), w, layers, None, float(t["ffn_mult"]),
+                                   float(t["rotary_pct"]), max(seq_len, 128), tokenizer.eos_token_id)
+            student = lm.build_neox(cfg_s, seed + w)
+            module = lm.KDModule(student, teacher, float(st["temperature"]), lr=float(st["train"]["lr"]),
+                                 betas=tuple(st["train"]["betas"]), weight_decay=float(st["train"]["weight_decay"]))
+            history = lm.fit_lm(module, train_windows, eval_windows, train_cfg(st["train"]), seed + w)
+            teacher.eval().requires_grad_(False)
+            histories[f"student_{w}"] = history
+            student_models[w] = student.eval()
+            results.append({"width": w, "params": lm.count_parameters(student), "heads": cfg_s.num_attention_heads,
+                            "kept": int(kept[len(results)]), "dropped": meas.n_alive - int(kept[len(results)]),
+                            "predicted": float(predicted[len(results)]),
+                            "observed": lm.floor_of(history, "kd", float(st["floor_tail"])),
+                            "kl_t1": lm.floor_of(history, "kl_t1", float(st["floor_tail"])),
+                            "student_ce": lm.floor_of(history, "ce", float(st["floor_tail"])),
+                            "time_s": time.perf_counter() - clock})
+            log.info("student d=%d: floor %.4f (predicted L* %.4g, kept %d) (%.1f s)", w, results[-1]["observed"],
+                     results[-1]["predicted"], results[-1]["kept"], results[-1]["time_s"])
+        timings["students_s"] = sum(r["time_s"] for r in results)
+
+        # 4. calibration
+        obs = np.array([r["observed"] for r in results])
+        pred = np.array([r["predicted"] for r in results])
+        fits = {mode: theory.fit_floor(pred, obs, mode, widths=widths) for mode in theory.FIT_MODES}
+        rho = theory.spearman_rho(pred, obs)
+        monotone = bool(np.all(np.diff(obs[np.argsort(widths)]) <= 0))
+
+        # 5. probes
+        probe_rows: list[dict] = []
+        if p["probe"]["enabled"]:
+            clock = time.perf_counter()
+            from opdf_exp.geometry import probe as probe_mod
+
+            pr = p["probe"]
+            if pr["docs"] not in ("all", "heldout"):
+                raise ConfigError(f"task.probe.docs={pr['docs']} is unknown; use all or heldout")
+            probe_docs = docs if pr["docs"] == "all" else held_docs
+            windows, labels, owners = lm.document_windows(probe_docs, tokenizer, seq_len, int(pr["windows_per_doc"]))
+            pick_gen = np.random.default_rng(seed)
+            token_pick = np.sort(pick_gen.choice(windows.shape[0], min(int(pr["token_windows"]), windows.shape[0]),
+                                                 replace=False))
+            models = {"teacher": teacher, **{f"student_{w}": m for w, m in student_models.items()}}
+            doc_states, token_states = {}, {}
+            for name, model in models.items():
+                h = probe_mod.hidden_states(model.to(device), hook, windows, device=device)
+                model.cpu()
+                doc_states[name] = probe_mod.pool_by_group(h.mean(1), owners)
+                token_states[name] = h[torch.as_tensor(token_pick)]
+            doc_ids, doc_labels = np.unique(owners, return_index=True)
+            z = sae_mod.latent_codes(sae, token_states["teacher"].reshape(-1, teacher_width), scale, device=device)
+            order = np.argsort(-z.square().mean(0).numpy(), kind="stable")
+            concepts = probe_mod.topic_concepts(labels[doc_labels], label_names) + probe_mod.latent_concepts(
+                z, order, int(pr["n_fine"]), int(pr["n_blocks"]), int(pr["block_size"]), float(pr["min_rate"]))
+            probe_rows = probe_mod.run_probes(doc_states, token_states, concepts, seed, int(pr["max_per_class"]))
+            timings["probes_s"] = time.perf_counter() - clock
+    wall = time.perf_counter() - started
+
+    # 6. artifacts
+    tables: dict[str, str] = {}
+    tables["floor_vs_width"] = write_table(out, "floor_vs_width", results, ["width", "params", "heads", "kept", "dropped",
+                                                                           "predicted", "observed", "kl_t1",
+                                                                           "student_ce", "time_s"], digits=5)
+    fit_rows = [{"mode": m, **f.as_dict()} for m, f in fits.items()]
+    tables["floor_fit"] = write_table(out, "floor_fit", fit_rows, ["mode", "C", "B", "r2", "n"], digits=4)
+    summary = meas.summary()
+    summary.update({"hook": hook, "teacher_width": teacher_width, "teacher_layers": teacher_layers,
+                    "teacher_eval_ce": teacher_ce, "sae_kind": s["kind"], "sae_k": s["k"], "sae_l1": s["l1_coeff"]})
+    tables["sae_measurement"] = write_table(out, "sae_measurement", [summary],
+                                            ["n_latents", "F_alive", "L0", "alpha", "g_alpha", "d_star", "fvu",
+                                             "importance_slope", "top10_share", "n_tokens"], digits=4)
+    write_json(out, "sae_measurement.json", {**summary, "importances": meas.importances.tolist()})
+    write_json(out, "histories.json", histories)
+    if probe_rows:
+        write_table(out, "probes", probe_rows, digits=3)
+        agg = []
+        for model in ["teacher"] + [f"student_{w}" for w in widths]:
+            row = {"model": model, "width": teacher_width if model == "teacher" else int(model.split("_")[1])}
+            for fam in ("topic", "block", "latent"):
+                accs = [r["accuracy"] for r in probe_rows if r["model"] == model and r["concept"].startswith(fam + ":")
+                        and np.isfinite(r["accuracy"])]
+                row[{"topic": "coarse_topic", "block": "coarse_block", "latent": "fine_latent"}[fam]] = (
+                    float(np.mean(accs)) if accs else float("nan"))
+            agg.append(row)
+        tables["probe_accuracy_vs_width"] = write_table(out, "probe_summary", agg, digits=3)
+    figures = {}
+    if p["plots"]:
+        from opdf_exp.geometry import plots
+
+        figures["floor"] = str(plots.plot_lm_floor(
+            widths, obs, pred, {m: f.as_dict() for m, f in fits.items()}, meas.importances, kept, meas.d_star,
+            out / "floor_vs_width.png",
+            f"KD floors vs Eq. 2 (teacher d={teacher_width}, F={meas.n_alive}, alpha={meas.alpha:.4f}, d*={meas.d_star:.1f})"))
+        if probe_rows:
+            model_widths = {"teacher": teacher_width, **{f"student_{w}": w for w in widths}}
+            figures["probes"] = str(plots.plot_probes(probe_rows, model_widths, out / "probe_accuracy.png"))
+    primary = fits[fit_primary]
+    metrics = {"C": primary.C, "B": primary.B, "r2": primary.r2,
+               **{f"{m}_{k}": getattr(f, k) for m, f in fits.items() for k in ("C", "B", "r2")},
+               "spearman_rho": rho, "monotone": float(monotone), "F_alive": meas.n_alive, "L0": meas.l0,
+               "alpha": meas.alpha, "g_alpha": meas.g, "d_star": meas.d_star, "sae_fvu": meas.fvu,
+               "teacher_eval_ce": teacher_ce, "wall_time_s": wall, **{f"time_{k}": v for k, v in timings.items()}}
+    for r in results:
+        metrics[f"floor_w{r['width']}"] = r["observed"]
+        metrics[f"pred_w{r['width']}"] = r["predicted"]
+    if probe_rows:
+        for row in agg:
+            for key in ("coarse_topic", "coarse_block", "fine_latent"):
+                metrics[f"probe_{key}_{row['model']}"] = row[key]
+    params_out = {"teacher": pretrained or f"gpt_neox d={teacher_width} L={teacher_layers} (trained here)",
+                  "tokenizer": getattr(tokenizer, "name", str(p["tokenizer"])), "hook": hook, "widths": widths,
+                  "fit_primary": fit_primary, "sae": s, "temperature": st["temperature"]}
+    write_json(out, "floor_summary.json", {"metrics": metrics, "params": params_out, "figures": figures})
+    return {"metrics": finite_metrics(metrics), "params": params_out, "tables": tables, "figures": figures}

@@ -1,0 +1,45 @@
+"""Hydra task entry points (``conf/task/geometric_*.yaml``): the only geometry code that reads a DictConfig.
+
+The runner instantiates ``cfg.task`` with ``_partial_: true`` and calls ``fn(cfg)``; the task's own options arrive
+as keyword arguments. Both functions are also callable directly, e.g.
+``geometric_toy(OmegaConf.create({"seed": 0, "paths": {"output_dir": "out"}}), seeds=1)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _context(cfg) -> tuple[int, str]:
+    seed = int(cfg.get("seed", 0) or 0) if cfg is not None else 0
+    paths = cfg.get("paths") if cfg is not None else None
+    output_dir = paths.get("output_dir") if paths is not None else None
+    if not output_dir:
+        from opdf_exp.errors import ConfigError
+
+        raise ConfigError("paths.output_dir is not set; the geometry tasks write their tables and plots there")
+    return seed, str(output_dir)
+
+
+def geometric_toy(cfg: DictConfig, **params: Any) -> dict:
+    """The 48-config toy superposition study (``+experiment=geometric_toy``)."""
+    from opdf_exp.geometry.runs import run_toy_experiment
+
+    seed, output_dir = _context(cfg)
+    return run_toy_experiment({k: _plain(v) for k, v in params.items()}, output_dir, seed)
+
+
+def geometric_floor(cfg: DictConfig, **params: Any) -> dict:
+    """The LM width sweep: teacher, SAE measurement, distilled students, calibrated floors, probes
+    (``+experiment=geometric_floor``; paper scale: ``+experiment=geometric_floor_pythia``)."""
+    from opdf_exp.geometry.runs import run_floor_experiment
+
+    seed, output_dir = _context(cfg)
+    return run_floor_experiment({k: _plain(v) for k, v in params.items()}, output_dir, seed)
