@@ -87,6 +87,18 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path, tiny_override
     assert not any(key.startswith("teacher.") for key in first["state_dict"])  # checkpoints hold the student only
 
 
+def test_step_budget_shorter_than_an_epoch_still_validates_and_keeps_a_best_checkpoint(tmp_path, tiny_overrides):
+    # 64 examples / batch 16 = 4 batches per epoch; a 3-step budget ends mid-epoch
+    with compose_job([*tiny_overrides, "task.variants=null", "trainer.max_steps=3"], tmp_path) as cfg:
+        run_task(cfg)
+    best = list((tmp_path / "checkpoints" / "student").glob("best-*.ckpt"))
+    assert [p.name for p in best] == ["best-3.ckpt"]
+    import torch
+
+    callbacks = torch.load(best[0], weights_only=False)["callbacks"]
+    assert any(state.get("best_model_score") is not None for state in callbacks.values())
+
+
 @RunIf(packages=("wandb",))
 def test_wandb_offline_run_per_job_and_csv_tensorboard(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -25,6 +25,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class ValidateAtStepBudget(pl.Callback):
+    """A step budget shorter than an epoch would end training before any validation, leaving the best-checkpoint
+    callback nothing to rank; this runs the validation loop on the budget's last step (once: an epoch end on
+    that step shares it)."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step >= self.max_steps:
+            trainer.should_stop = True  # Lightning validates on a requested stop, then ends the fit
+
+
 def build_callbacks(callbacks_cfg: DictConfig | None, stage: str, prefix: str,
                     progress_bar: bool = True) -> list[pl.Callback]:
     """Instantiate every callback entry; checkpoints go to ``<dirpath>/<stage>`` and monitored names get the
@@ -54,5 +67,8 @@ def build_trainer(cfg: DictConfig, stage: str, prefix: str, loggers: list,
 
         raise ConfigError("trainer=gpu was requested but no CUDA device is visible; use trainer=cpu or trainer=default")
     callbacks = build_callbacks(cfg.get("callbacks"), stage, prefix, trainer_cfg.get("enable_progress_bar", True))
+    max_steps = int(trainer_cfg.get("max_steps") or -1)
+    if max_steps > 0 and trainer_cfg.get("val_check_interval") is None and not trainer_cfg.get("fast_dev_run"):
+        callbacks.append(ValidateAtStepBudget(max_steps))
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                    plugins=[AtomicCheckpointIO()], _convert_="all")
