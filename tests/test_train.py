@@ -30,6 +30,7 @@ def tiny_glue(folder: Path, n: int = 48) -> Path:
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OPDF_ROOT": str(cwd), **env}
+    environment = {key: value for key, value in environment.items() if value is not None}  # None: unset it
     return subprocess.run([sys.executable, "-m", "opdf_exp", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=environment)
 
@@ -174,9 +175,12 @@ def test_offline_teacher_fails_fast_with_local_sst2(tmp_path):
 
 
 def test_multirun_two_jobs_in_separate_folders(tmp_path, tiny_overrides):
-    sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "seed=1,2", *tiny_overrides, "task.variants=null", f"hydra.sweep.dir={sweep}"], tmp_path)
+    # the default sweep folder, resolved from the launch directory (no OPDF_ROOT, no hydra.sweep.dir override)
+    result = run_cli(["-m", "seed=1,2", *tiny_overrides, "task.variants=null"], tmp_path, OPDF_ROOT=None)
     assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "logs" / "quickstart" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    sweep = sweeps[0]
     payloads = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert [p["seed"] for p in payloads] == [1, 2]
     assert payloads[0]["overrides"][0] == "seed=1" and payloads[1]["overrides"][0] == "seed=2"
