@@ -188,3 +188,18 @@ def test_multirun_two_jobs_in_separate_folders(tmp_path, tiny_overrides):
     assert (sweep / "multirun.yaml").is_file()
     summary = json.loads((sweep / "summary.json").read_text())  # written by the aggregation callback
     assert summary["jobs"] == 2 and summary["rows"][0]["runs"] == 2 and "±" in summary["rows"][0]["test/acc"]
+
+
+def test_sweep_over_mpo_order_n_2_to_6(tmp_path, tiny_overrides):
+    """`-m decomposition.n=2,3,4,5,6` with OPDF alignment on: every job trains, exports dense, and reports the
+    same inference size with a train size that grows with n."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "decomposition=mpo", "decomposition.n=2,3,4,5,6", *tiny_overrides, "task.variants=null",
+                      "trainer.max_steps=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payloads = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(5)]
+    assert [p["overrides"][1] for p in payloads] == [f"decomposition.n={n}" for n in range(2, 7)]
+    assert len({p["params"]["inference"] for p in payloads}) == 1
+    train = [p["params"]["train"] for p in payloads]
+    assert train == sorted(train) and train[0] < train[-1]
+    assert all("*align" in p["variants"][0]["loss"] for p in payloads)
