@@ -9,63 +9,16 @@ measures exactly what ``python -m opdf_exp +experiment=geometric_toy`` runs, min
 """
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import sys
-import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import opdf_exp  # noqa: E402,F401  (patches torchvision before Lightning loads)
-import logging  # noqa: E402
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+from _shipped import parse_args, run_shipped
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="use +experiment=geometric_toy_smoke")
-    parser.add_argument("--out", default=None, help="output folder (default logs/geometric_toy/bench_<time>)")
-    parser.add_argument("--figures", default=None, help="also copy the PNGs here (e.g. docs/figures)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task.seeds=2")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-
-    import hydra
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from opdf_exp.runner import resolvers
-
-    name = "geometric_toy_smoke" if args.smoke else "geometric_toy"
-    out = Path(args.out or ROOT / "logs" / "geometric_toy" / f"bench_{time.strftime('%Y%m%d_%H%M%S')}")
-    resolvers.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("opdf_exp.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={name}", f"paths.output_dir={out}", *args.overrides])
-    task = hydra.utils.instantiate(cfg.task, _partial_=True)
-    started = time.perf_counter()
-    result = task(cfg)
-    wall = time.perf_counter() - started
-    for title, table in result["tables"].items():
-        print(f"\n{title}\n{table}")
+    result, _, _ = run_shipped("geometric_toy", parse_args(__doc__.split("\n")[0], "geometric_toy"))
     m = result["metrics"]
-    print(f"\nwall time (task only): {wall:.1f} s   [{', '.join(f'{k[5:]}={v:.1f}s' for k, v in m.items() if k.startswith('time_'))}]")
     print(f"configs={m['n_configs']:.0f} points={m['n_points']:.0f} models={m['n_models']:.0f} seeds={result['params']['seeds']}")
     print(f"Eq. 2: pooled Pearson r={m['pearson_r']:.4f}  R2_abs={m['r2_abs']:.4f}  R2_affine={m['r2_affine']:.4f}  "
           f"median per-config r={m['pearson_config_median']:.4f}")
     print(f"R2_abs by d/d*: below={m['r2_abs_below']:.3f} near={m['r2_abs_near']:.3f} above={m['r2_abs_above']:.3f}")
-    print(f"outputs: {out}")
-    if args.figures:
-        dest = Path(args.figures)
-        dest.mkdir(parents=True, exist_ok=True)
-        for key, path in result.get("figures", {}).items():
-            shutil.copy(path, dest / Path(path).name)
-            print(f"copied {Path(path).name} -> {dest}")
 
 
 if __name__ == "__main__":

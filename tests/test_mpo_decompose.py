@@ -19,14 +19,7 @@ from opdf_exp.mpo import contraction_plan, mpo_contract, mpo_decompose, mpo_num_
 from opdf_exp.mpo import decompose as dec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Correctness tests run on one intra-op thread: on the shared 2-core box, OpenMP barriers under
-    oversubscription cost milliseconds per small op and made these tests 5-10x slower than their arithmetic."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 OPDF_768 = [32, 1, 1, 1, 24]

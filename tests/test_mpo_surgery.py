@@ -13,14 +13,7 @@ from opdf_exp.mpo import (MPOEmbedding, MPOLinear, apply_decomposition, balanced
                           plan_decomposition)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Correctness tests run on one intra-op thread: on the shared 2-core box, OpenMP barriers under
-    oversubscription cost milliseconds per small op and made these tests 5-10x slower than their arithmetic."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 BERT_DIMS = dict(hidden_size=48, num_attention_heads=4, intermediate_size=96, vocab_size=100,
