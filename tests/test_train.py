@@ -108,6 +108,8 @@ def test_wandb_offline_run_per_job_and_csv_tensorboard(tmp_path, tiny_overrides,
         run_job(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records: group, config and summary inside
+    assert b"quickstart" in record and b"num_labels" in record and b"test/acc" in record
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "train/loss/kd" in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
     import wandb
