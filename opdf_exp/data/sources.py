@@ -115,6 +115,9 @@ def bbc_news(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed
 
 # --------------------------------------------------------------------------------------------- GLUE
 GLUE_HUB_ID = "nyu-mll/glue"
+# Folder names of the official GLUE download (download_glue_data.py), for messages that say where to point data.path.
+GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+                "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
 
 
 def _read_tsv(path: Path, text_columns: Sequence[str], label_column: str, *, regression: bool,
@@ -180,7 +183,7 @@ def glue(task: str, text_columns: Sequence[str], label_column: str = "label", nu
         train = _read_tsv(folder / train_file, text_columns, label_column, regression=regression, label_names=label_names)
         dev = _read_tsv(folder / dev_file, text_columns, label_column, regression=regression, label_names=label_names)
     else:
-        require_hub_dataset(hub_id, override_hint=f"download GLUE once and pass data.path=<glue_data>/{task.upper()} "
+        require_hub_dataset(hub_id, override_hint=f"download GLUE once and pass data.path=<glue_data>/{GLUE_FOLDERS.get(task, task)} "
                                                   f"(a folder with {train_file} and {dev_file})")
         import datasets
 

@@ -108,6 +108,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if is_multirun():
             log.error("job failed: %s", error)
             raise
+        sys.stdout.flush()  # the config tree and progress output come first, the error on a line of its own
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
