@@ -29,8 +29,10 @@ test-slow: ## Run only the slow tests
 quickstart: ## Run the offline quickstart (real MiniLM teacher on BBC News)
 	$(BIN)/python -m opdf_exp
 
-bench: ## Run the benchmark scripts (MPO speed, geometric toy sweep timing)
+bench: ## Run the benchmark scripts (MPO speed and numerics, geometry sweep timings; about 14 minutes)
 	$(BIN)/python experiments/bench_mpo.py
+	$(BIN)/python experiments/bench_geometry.py toy
+	$(BIN)/python experiments/bench_geometry.py floor
 
 clean: ## Remove logs, caches and build artefacts (keeps .venv)
 	rm -rf logs outputs multirun wandb lightning_logs .cache build dist *.egg-info .pytest_cache
