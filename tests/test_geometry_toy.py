@@ -87,7 +87,7 @@ def test_toy_smoke_end_to_end(tmp_path):
 def test_toy_task_rejects_unknown_options(tmp_path):
     from omegaconf import OmegaConf
 
-    from opdf_exp.geometry.tasks import geometric_toy
+    from opdf_exp.runner.geometry_tasks import geometric_toy
 
     cfg = OmegaConf.create({"seed": 0, "paths": {"output_dir": str(tmp_path)}})
     with pytest.raises(ConfigError, match="unknown option task.train.stepz"):
@@ -106,6 +106,6 @@ def test_task_yaml_matches_code_defaults(name):
     from opdf_exp.geometry import runs
 
     yaml = OmegaConf.to_container(OmegaConf.load(files("opdf_exp.conf") / "task" / f"{name}.yaml"))
-    assert yaml.pop("_target_") == f"opdf_exp.geometry.tasks.{name}" and yaml.pop("_partial_") is True
+    assert yaml.pop("_target_") == f"opdf_exp.runner.geometry_tasks.{name}" and yaml.pop("_partial_") is True
     defaults = runs.TOY_DEFAULTS if name == "geometric_toy" else runs.FLOOR_DEFAULTS
     assert yaml == defaults

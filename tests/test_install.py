@@ -64,3 +64,16 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["bert-base-uncased", "sst2"]
+
+
+def test_layers_only_depend_downward():
+    """The MPO math, theory, models and losses import without Lightning or Hydra; only runner/ reads configs."""
+    code = ("import sys, opdf_exp.mpo, opdf_exp.geometry.theory, opdf_exp.models, opdf_exp.distill; "
+            "print(sorted(m for m in ('pytorch_lightning', 'hydra', 'omegaconf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    config_readers = [str(p.relative_to(REPO)) for p in (REPO / "opdf_exp").rglob("*.py")
+                      if p.parent.name != "runner" and any(f"{kw} {mod}" in p.read_text() for kw in ("import", "from")
+                                                           for mod in ("hydra", "omegaconf"))]
+    assert not config_readers, f"only opdf_exp/runner may use Hydra/OmegaConf: {config_readers}"

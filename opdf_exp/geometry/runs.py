@@ -2,7 +2,7 @@
 
 :func:`run_toy_experiment` (the 48-config toy study) and :func:`run_floor_experiment` (teacher -> SAE ->
 width-swept students -> calibrated fit -> probes) write every artifact into ``output_dir`` and return
-``{"metrics", "params", "tables"}`` as the runner expects. ``opdf_exp.geometry.tasks`` adapts Hydra configs to them.
+``{"metrics", "params", "tables"}`` as the runner expects. ``opdf_exp.runner.geometry_tasks`` adapts Hydra configs to them.
 """
 from __future__ import annotations
 

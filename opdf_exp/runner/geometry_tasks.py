@@ -1,4 +1,5 @@
-"""Hydra task entry points (``conf/task/geometric_*.yaml``): the only geometry code that reads a DictConfig.
+"""Hydra task entry points of the geometry studies (``conf/task/geometric_*.yaml``): they turn a DictConfig into
+plain arguments, so ``opdf_exp.geometry`` itself never reads one (only the runner layer knows Hydra).
 
 The runner instantiates ``cfg.task`` with ``_partial_: true`` and calls ``fn(cfg)``; the task's own options arrive
 as keyword arguments. Both functions are also callable directly, e.g.
