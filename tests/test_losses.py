@@ -6,7 +6,7 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from opdf_exp.distill import DistillationLoss, DistillContext, HiddenStateMSE, LogitKL, TaskLoss
-from opdf_exp.distill.terms import ModuleOutputMSE
+from opdf_exp.distill.terms import ModuleOutputMSE, soft_target_kl
 from opdf_exp.errors import ConfigError
 from opdf_exp.models import random_classifier, student_from_teacher
 
@@ -61,6 +61,47 @@ def test_logit_kl_single_logit_falls_back_to_mse_and_warns():
 def test_logit_kl_rejects_bad_temperature():
     with pytest.raises(ConfigError, match="temperature"):
         LogitKL(temperature=0)
+
+
+def test_soft_target_kl_is_invariant_to_sequence_length():
+    torch.manual_seed(0)
+    s_tok, t_tok = torch.randn(1, 1, 50), torch.randn(1, 1, 50)
+    values = [float(soft_target_kl(s_tok.expand(4, length, 50), t_tok.expand(4, length, 50), 2.0))
+              for length in (1, 16, 512)]
+    assert values[0] == pytest.approx(values[1], rel=1e-6) and values[0] == pytest.approx(values[2], rel=1e-6)
+    # ... and to batch size; equal to T^2 * KL of that one token
+    one = float(soft_target_kl(s_tok[0, 0], t_tok[0, 0], 2.0))
+    assert values[0] == pytest.approx(one, rel=1e-6)
+    p_t = torch.softmax(t_tok / 2, -1)
+    direct = 4 * float((p_t * (torch.log_softmax(t_tok / 2, -1) - torch.log_softmax(s_tok / 2, -1))).sum())
+    assert one == pytest.approx(direct, rel=1e-5)
+    # PyTorch's batchmean on [batch, seq, vocab] would grow with the sequence length: the pitfall this guards
+    bm = [float(torch.nn.functional.kl_div(torch.log_softmax(s_tok.expand(4, n, 50) / 2, -1),
+                                           torch.log_softmax(t_tok.expand(4, n, 50) / 2, -1),
+                                           reduction="batchmean", log_target=True)) for n in (1, 16)]
+    assert bm[1] == pytest.approx(16 * bm[0], rel=1e-5)
+
+
+def test_soft_target_kl_mask_and_identity():
+    logits = torch.randn(2, 6, 11)
+    assert float(soft_target_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 6, 11)
+    mask = torch.zeros(2, 6)
+    mask[:, :3] = 1
+    assert float(soft_target_kl(other, logits, 2.0, mask)) == pytest.approx(
+        float(soft_target_kl(other[:, :3], logits[:, :3], 2.0)), rel=1e-6)
+    with pytest.raises(ConfigError, match="vocabulary"):
+        soft_target_kl(torch.randn(2, 3, 5), torch.randn(2, 3, 6))
+
+
+def test_logit_kl_on_token_logits_ignores_padding():
+    """Token-level logits (LM students): LogitKL averages over real tokens only, like the geometry sweep's KD."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    value = LogitKL(temperature=2.0)(DistillContext(student=out(s), teacher=out(t), attention_mask=mask))
+    real = torch.cat([s[0, :3], s[1]]), torch.cat([t[0, :3], t[1]])
+    assert float(value) == pytest.approx(float(soft_target_kl(*real, 2.0)), rel=1e-6)
 
 
 def _bert(layers=4, hidden=16):

@@ -55,20 +55,37 @@ class LogitKL(LossTerm):
         self._warned = False
 
     def forward(self, ctx) -> torch.Tensor:
-        student, teacher = ctx.student.logits.float(), ctx.teacher.logits.float()
-        if student.shape[-1] != teacher.shape[-1]:
-            raise ConfigError(f"student has {student.shape[-1]} logits but teacher has {teacher.shape[-1]}; "
-                              "give both the same number of labels")
-        if student.shape[-1] == 1:
+        student, teacher = ctx.student.logits, ctx.teacher.logits
+        if student.shape[-1] == 1 and teacher.shape[-1] == 1:
             if not self._warned:
                 warnings.warn("single-logit head: logit KL is identically zero, using MSE between logits instead")
                 self._warned = True
-            return F.mse_loss(student, teacher)
-        t = self.temperature
-        log_p_student = F.log_softmax(student.reshape(-1, student.shape[-1]) / t, dim=-1)
-        log_p_teacher = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / t, dim=-1)
-        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
-        return kl * (t * t) if self.t2_scaling else kl
+            return F.mse_loss(student.float(), teacher.float())
+        mask = ctx.attention_mask if student.dim() == 3 else None  # token-level logits: padding does not count
+        return soft_target_kl(student, teacher, self.temperature, mask, self.t2_scaling)
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None, t2_scaling: bool = True) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) per position, averaged over positions (times T^2 if asked).
+
+    Logits are [..., classes]; every leading index is a position (an example, or a token of a sequence), so the
+    value does not change with sequence length or batch size. ``mask`` (the leading shape) selects the positions
+    that count. PyTorch's ``batchmean`` on [batch, seq, vocab] would instead sum over the sequence.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                          f"{tuple(teacher_logits.shape)} differ; give both the same labels (or vocabulary)")
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if mask is not None:
+        weights = mask.to(per_position.dtype)
+        kl = (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+    else:
+        kl = per_position.mean()
+    return kl * (t * t) if t2_scaling else kl
 
 
 def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,7 @@
 * Models: GPT-NeoX built from ``GPTNeoXConfig`` (random init; FFN 4x, rotary fraction 0.25, heads = the first of
   16/8/4/2/1 that divides the width with head dim >= 16, as in the authors' script), or a pretrained teacher
   resolved with :func:`opdf_exp.hub.resolve_model_path` (fails fast offline).
-* Loss: :func:`token_mean_kl`, KL(teacher || student) at temperature T times T^2, averaged over *tokens* (not
+* Loss: :func:`opdf_exp.distill.terms.soft_target_kl`, KL(teacher || student) at temperature T times T^2, averaged over *tokens* (not
   PyTorch's ``batchmean``, which divides a [batch, seq, vocab] sum by the batch size only).
 * Training: Lightning modules (:class:`CausalLMModule` for the teacher, :class:`KDModule` for students) that
   evaluate on held-out windows every ``eval_every`` steps; the floor is the mean of the last 10% of evaluations.
@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from opdf_exp.distill.terms import soft_target_kl
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry.toy import quiet_lightning
 
@@ -225,26 +226,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ loss
-def token_mean_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T^2 * mean over tokens of KL(softmax(t/T) || softmax(s/T)).
-
-    Logits are [..., vocab]; every leading position is a token. ``mask`` (same leading shape) selects the tokens
-    that count. The value is per token, so it does not change with sequence length or batch size.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                          f"{tuple(teacher_logits.shape)} differ; the student must share the teacher's vocabulary")
-    t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    if mask is not None:
-        m = mask.to(per_token.dtype)
-        return t * t * (per_token * m).sum() / m.sum().clamp_min(1.0)
-    return t * t * per_token.mean()
-
-
 def _lm_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
@@ -334,13 +315,13 @@ class KDModule(_LMBase):
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
             t_logits = self.teacher(input_ids=batch).logits
-        return token_mean_kl(self.student(input_ids=batch).logits, t_logits, self.temperature)
+        return soft_target_kl(self.student(input_ids=batch).logits, t_logits, self.temperature)
 
     def validation_step(self, batch, batch_idx):
         t_logits = self.teacher(input_ids=batch).logits
         s_logits = self.student(input_ids=batch).logits
-        self._accumulate({"kd": token_mean_kl(s_logits, t_logits, self.temperature),
-                          "kl_t1": token_mean_kl(s_logits, t_logits, 1.0),
+        self._accumulate({"kd": soft_target_kl(s_logits, t_logits, self.temperature),
+                          "kl_t1": soft_target_kl(s_logits, t_logits, 1.0),
                           "ce": _lm_ce(s_logits, batch)})
 
 

@@ -17,9 +17,21 @@ import torch
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
-from opdf_exp.geometry.report import finite_metrics, write_json, write_table
+from opdf_exp.utils.io import atomic_write_json
+from opdf_exp.utils.tables import write_table
 
 log = logging.getLogger(__name__)
+
+
+def finite_metrics(metrics: dict) -> dict[str, float]:
+    """Keep the numeric metrics, as floats; NaN stays NaN so that an empty stratum is visible."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 # ------------------------------------------------------------------------------------------------ parameters
 TOY_DEFAULTS: dict[str, Any] = {
@@ -137,10 +149,11 @@ def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 
     columns = ["n", "alpha", "d_T", "d_S", "seeds", "d_star", "d_over_dstar", "stratum", "kept_eq2",
                "kept_equilibrium", "kept_measured", "observed", "observed_std", "eq2", "naive", "equilibrium",
                "measured_kept", "teacher_loss", "distill_loss", "control_loss", "capacity_used", "l_zero"]
-    write_table(out, "toy_floors", rows, columns, digits=5)
-    tables["toy_floors (first rows; full table in toy_floors.csv)"] = write_table(
-        out, "toy_floors_head", rows[:12], ["n", "alpha", "d_T", "d_S", "observed", "eq2", "equilibrium",
-                                             "measured_kept", "kept_eq2", "kept_measured"], digits=4)
+    write_table(rows, out / "toy_floors", columns, digits=5)
+    first_columns = ["n", "alpha", "d_T", "d_S", "observed", "eq2", "equilibrium", "measured_kept", "kept_eq2",
+                     "kept_measured"]
+    tables["toy_floors (first rows; full table in toy_floors.csv)"] = write_table(rows[:12], out / "toy_floors_head",
+                                                                                  first_columns, digits=4)
     acc_rows = []
     for metric, label in (("ratio", "min(p,o)/max(p,o)"), ("normalized", "1-|p-o|/L_zero"),
                           ("pearson_config", "Pearson r per config")):
@@ -148,7 +161,7 @@ def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 
         for alpha, values in head["by_alpha"].items():
             row[f"alpha={alpha:g}"] = values[metric]
         acc_rows.append(row)
-    tables[f"toy_accuracy ({p['predictor']})"] = write_table(out, "toy_accuracy", acc_rows, digits=3)
+    tables[f"toy_accuracy ({p['predictor']})"] = write_table(acc_rows, out / "toy_accuracy", digits=3)
     strata_rows = []
     for name, s in summaries.items():
         pooled = s["pooled"]
@@ -156,10 +169,10 @@ def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 
                             "near": pooled["r2_abs_near"], "above": pooled["r2_abs_above"],
                             "Pearson r": pooled["pearson"], "R2 affine (OLS)": pooled["r2_affine"],
                             "median r per config": pooled["pearson_config_median"]})
-    tables["toy_r2_by_stratum"] = write_table(out, "toy_r2_by_stratum", strata_rows, digits=3)
+    tables["toy_r2_by_stratum"] = write_table(strata_rows, out / "toy_r2_by_stratum", digits=3)
     dstar_rows = [{"n": n, **{f"alpha={a_:g}": theory.critical_width(n, a_) for a_ in sweep.alphas}}
                   for n in sweep.n_features]
-    tables["toy_dstar"] = write_table(out, "toy_dstar", dstar_rows, digits=2)
+    tables["toy_dstar"] = write_table(dstar_rows, out / "toy_dstar", digits=2)
 
     figures = {}
     if p["plots"]:
@@ -188,7 +201,7 @@ def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 
     params_out = {"predictor": p["predictor"], "floor_metric": p["floor_metric"], "importance": p["importance"],
                   "seeds": sweep.seeds, "train": p["train"], "equilibrium_ab": [a, b],
                   "fitted_packing_law_ab": list(fitted) if fitted else None, "num_threads": p["num_threads"]}
-    write_json(out, "toy_summary.json", {"metrics": metrics, "params": params_out, "figures": figures,
+    atomic_write_json(out / "toy_summary.json", {"metrics": metrics, "params": params_out, "figures": figures,
                                          "summaries": summaries})
     return {"metrics": finite_metrics(metrics), "params": params_out, "tables": tables, "figures": figures}
 
@@ -386,21 +399,21 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
 
     # 6. artifacts
     tables: dict[str, str] = {}
-    tables["floor_vs_width"] = write_table(out, "floor_vs_width", results, ["width", "params", "heads", "kept", "dropped",
-                                                                           "predicted", "observed", "kl_t1",
-                                                                           "student_ce", "time_s"], digits=5)
+    floor_columns = ["width", "params", "heads", "kept", "dropped", "predicted", "observed", "kl_t1", "student_ce",
+                     "time_s"]
+    tables["floor_vs_width"] = write_table(results, out / "floor_vs_width", floor_columns, digits=5)
     fit_rows = [{"mode": m, **f.as_dict()} for m, f in fits.items()]
-    tables["floor_fit"] = write_table(out, "floor_fit", fit_rows, ["mode", "C", "B", "r2", "n"], digits=4)
+    tables["floor_fit"] = write_table(fit_rows, out / "floor_fit", ["mode", "C", "B", "r2", "n"], digits=4)
     summary = meas.summary()
     summary.update({"hook": hook, "teacher_width": teacher_width, "teacher_layers": teacher_layers,
                     "teacher_eval_ce": teacher_ce, "sae_kind": s["kind"], "sae_k": s["k"], "sae_l1": s["l1_coeff"]})
-    tables["sae_measurement"] = write_table(out, "sae_measurement", [summary],
+    tables["sae_measurement"] = write_table([summary], out / "sae_measurement",
                                             ["n_latents", "F_alive", "L0", "alpha", "g_alpha", "d_star", "fvu",
                                              "importance_slope", "top10_share", "n_tokens"], digits=4)
-    write_json(out, "sae_measurement.json", {**summary, "importances": meas.importances.tolist()})
-    write_json(out, "histories.json", histories)
+    atomic_write_json(out / "sae_measurement.json", {**summary, "importances": meas.importances.tolist()})
+    atomic_write_json(out / "histories.json", histories)
     if probe_rows:
-        write_table(out, "probes", probe_rows, digits=3)
+        write_table(probe_rows, out / "probes", digits=3)
         agg = []
         for model in ["teacher"] + [f"student_{w}" for w in widths]:
             row = {"model": model, "width": teacher_width if model == "teacher" else int(model.split("_")[1])}
@@ -410,7 +423,7 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
                 row[{"topic": "coarse_topic", "block": "coarse_block", "latent": "fine_latent"}[fam]] = (
                     float(np.mean(accs)) if accs else float("nan"))
             agg.append(row)
-        tables["probe_accuracy_vs_width"] = write_table(out, "probe_summary", agg, digits=3)
+        tables["probe_accuracy_vs_width"] = write_table(agg, out / "probe_summary", digits=3)
     figures = {}
     if p["plots"]:
         from opdf_exp.geometry import plots
@@ -438,5 +451,5 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
     params_out = {"teacher": pretrained or f"gpt_neox d={teacher_width} L={teacher_layers} (trained here)",
                   "tokenizer": getattr(tokenizer, "name", str(p["tokenizer"])), "hook": hook, "widths": widths,
                   "fit_primary": fit_primary, "sae": s, "temperature": st["temperature"]}
-    write_json(out, "floor_summary.json", {"metrics": metrics, "params": params_out, "figures": figures})
+    atomic_write_json(out / "floor_summary.json", {"metrics": metrics, "params": params_out, "figures": figures})
     return {"metrics": finite_metrics(metrics), "params": params_out, "tables": tables, "figures": figures}

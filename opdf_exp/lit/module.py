@@ -6,7 +6,6 @@ checkpoints: it is rebuilt by the runner and re-inserted on load, so checkpoints
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import pytorch_lightning as pl

@@ -14,8 +14,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from opdf_exp.runner.report import markdown_table, write_table
 from opdf_exp.utils.io import atomic_write_json
+from opdf_exp.utils.tables import markdown_table, write_table
 
 SEED_KEYS = ("seed",)
 

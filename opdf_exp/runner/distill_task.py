@@ -35,9 +35,9 @@ from opdf_exp.lit.module import DistillationModule
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.runner.app import job_overrides
 from opdf_exp.runner.loggers import build_loggers, log_final
-from opdf_exp.runner.report import markdown_table, write_table
 from opdf_exp.runner.trainer import build_trainer
 from opdf_exp.utils.io import atomic_write_json
+from opdf_exp.utils.tables import write_table
 
 log = logging.getLogger(__name__)
 TEACHER_PREFIX = "teacher/"
@@ -267,29 +267,26 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
         raise ConfigError("ckpt_path resumes a single student; set task.variants=null or run the variant on its own")
     loggers = build_loggers(cfg.get("logger"))
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
-    rows = [train_student(vcfg, name, label, f"{name}/" if len(plan) > 1 else "", teacher, datamodule, loggers)
-            for name, label, vcfg in plan]
+    prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
+    rows = [train_student(vcfg, name, label, prefix[name], teacher, datamodule, loggers) for name, label, vcfg in plan]
 
     metrics = dict(teacher_metrics)
     for row in rows:
         metrics.update(row["metrics"])
     main_row = next((r for r in rows if r["name"] == primary), rows[-1])
-    metric_names = list(cfg.data.metrics)
-    table_rows = [{"model": f"teacher ({cfg.teacher.name})", **{f"test {m}": teacher_metrics.get(f"{TEACHER_PREFIX}test/{m}") for m in metric_names},
-                   f"val {cfg.data.metric}": teacher_metrics.get(f"{TEACHER_PREFIX}val/{cfg.data.metric}"),
-                   "train params": teacher_info["params"]["train"],
-                   "inference params": teacher_info["params"]["inference"],
-                   "train time (s)": teacher_info.get("train_time_s")}]
-    for row in rows:
-        pre = f"{row['name']}/" if len(plan) > 1 else ""
-        table_rows.append({"model": row["label"], **{f"test {m}": row["metrics"].get(f"{pre}test/{m}") for m in metric_names},
-                           f"val {cfg.data.metric}": row["metrics"].get(f"{pre}val/{cfg.data.metric}"),
-                           "train params": row["params"]["train"], "inference params": row["params"]["inference"],
-                           "train time (s)": row["train_time_s"]})
-    output_dir = Path(cfg.paths.output_dir)
-    write_table(table_rows, output_dir / "results_table")
+
+    def table_row(label: str, values: dict, prefix: str, params: dict, seconds: float | None) -> dict:
+        return {"model": label, **{f"test {m}": values.get(f"{prefix}test/{m}") for m in cfg.data.metrics},
+                f"val {cfg.data.metric}": values.get(f"{prefix}val/{cfg.data.metric}"),
+                "train params": params["train"], "inference params": params["inference"], "train time (s)": seconds}
+
+    table_rows = [table_row(f"teacher ({cfg.teacher.name})", teacher_metrics, TEACHER_PREFIX, teacher_info["params"],
+                            teacher_info.get("train_time_s"))]
+    table_rows += [table_row(row["label"], row["metrics"], prefix[row["name"]], row["params"], row["train_time_s"])
+                   for row in rows]
+    table = write_table(table_rows, Path(cfg.paths.output_dir) / "results_table", digits={"train time (s)": 1})
     log_final(loggers, {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                         for k, v in cfg.items() if k != "hydra"}, metrics)
     return {"metrics": metrics, "params": main_row["params"],
             "teacher": {"metrics": teacher_metrics, **teacher_info},
-            "variants": rows, "tables": {"Results": markdown_table(table_rows)}}
+            "variants": rows, "tables": {"Results": table}}
