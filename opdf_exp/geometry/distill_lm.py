@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from opdf_exp.distill.terms import soft_target_kl
 from opdf_exp.errors import ConfigError
+from opdf_exp.utils.optim import adamw, with_schedule
 from opdf_exp.geometry.toy import quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -230,13 +231,6 @@ def _lm_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
-def _warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class _LMBase(pl.LightningModule):
     def __init__(self, lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int, max_steps: int):
         super().__init__()
@@ -250,15 +244,8 @@ class _LMBase(pl.LightningModule):
         raise NotImplementedError
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.trainable().named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: _warmup_cosine(step, self.warmup_steps, self.max_steps, 0.1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = adamw([self.trainable()], self.lr, self.weight_decay, self.betas)
+        return with_schedule(opt, self.warmup_steps, self.max_steps, "cosine", min_ratio=0.1)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums, self._eval_count = {}, 0

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
 from opdf_exp.geometry.toy import fit_module
+from opdf_exp.utils.optim import with_schedule
 
 SAE_KINDS = ("relu", "topk")
 
@@ -139,20 +140,9 @@ class SAEModule(pl.LightningModule):
         self.sae.normalize_decoder()
 
     def configure_optimizers(self):
+        # constant, then linear decay to 0 over the last 20% (as in Gao et al. / common SAE recipes)
         opt = torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas)
-        warm, total = self.warmup_steps, max(1, self.max_steps)
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if not self.lr_decay:
-                return 1.0
-            # constant, then linear decay to 0 over the last 20% (as in Gao et al. / common SAE recipes)
-            start = int(0.8 * total)
-            return 1.0 if step < start else max(0.0, (total - step) / max(1, total - start))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_schedule(opt, self.warmup_steps, self.max_steps, "tail_linear" if self.lr_decay else "constant")
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
+from opdf_exp.utils.optim import with_schedule
 
 log = logging.getLogger(__name__)
 
@@ -244,18 +244,7 @@ class BatchedToyModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.lr)
-        total, warm = max(1, self.max_steps), self.warmup_steps
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if self.schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_schedule(opt, self.warmup_steps, self.max_steps, self.schedule)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import torchmetrics
 from opdf_exp.distill.loss import DistillationLoss, DistillContext
 from opdf_exp.distill.taps import ForwardTaps
 from opdf_exp.errors import ConfigError
+from opdf_exp.utils.optim import adamw, with_schedule
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
@@ -139,25 +140,10 @@ class DistillationModule(pl.LightningModule):
         return [p for p in list(self.student.parameters()) + list(self.loss.parameters()) if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for module in (self.student, self.loss):
-            for name, param in module.named_parameters():
-                if not param.requires_grad:
-                    continue
-                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
         hp = self.hparams
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        if hp.scheduler == "constant":
-            return optimizer
-        if hp.scheduler not in ("linear", "cosine"):
-            raise ConfigError(f"scheduler={hp.scheduler!r} is unknown; use linear, cosine or constant")
-        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
+        optimizer = adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        make = get_linear_schedule_with_warmup if hp.scheduler == "linear" else get_cosine_schedule_with_warmup
-        schedule = make(optimizer, int(hp.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler)
 
     # -- checkpoints hold the student (and loss projections), never the frozen teacher
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,58 @@
+"""The project's one AdamW set-up and learning-rate schedule, shared by the distillation module and the geometry
+studies, so that "warm-up then cosine" means the same thing everywhere."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from opdf_exp.errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "constant", "tail_linear")
+
+
+def adamw(modules: Iterable[nn.Module], lr: float, weight_decay: float = 0.0,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``modules``; biases and norm weights (< 2 dims) get no decay."""
+    decay, no_decay = [], []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if param.dim() < 2 else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (the first step already trains, at 1/warmup of the rate), then:
+    ``linear`` / ``cosine`` decay to ``min_ratio`` at ``total_steps``; ``constant``; or ``tail_linear``, constant
+    until 80% of the steps and then linear to ``min_ratio`` (the usual SAE recipe).
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"learning-rate schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    total = max(1, total_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "tail_linear":
+        start = int(0.8 * total)
+        remaining = 1.0 if step < start else max(0.0, (total - step) / max(1, total - start))
+        return min_ratio + (1.0 - min_ratio) * remaining
+    if schedule == "linear":
+        return min_ratio + (1.0 - min_ratio) * max(0.0, (total - step) / max(1, total - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def with_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str = "cosine",
+                  min_ratio: float = 0.0) -> dict:
+    """Lightning's ``configure_optimizers`` return value: the optimizer with a per-step :func:`lr_factor`."""
+    lr_factor(0, warmup_steps, total_steps, schedule, min_ratio)  # a bad name fails here, before training
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule, min_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,35 @@
+"""The shared optimizer set-up and learning-rate schedule, against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opdf_exp.errors import ConfigError
+from opdf_exp.utils.optim import adamw, lr_factor, with_schedule
+
+
+def test_warmup_then_each_decay_by_hand():
+    # warm-up over 4 steps: 1/4, 2/4, 3/4, 4/4; then 8 more steps to the end (total 12)
+    assert [lr_factor(s, 4, 12, "linear") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(8, 4, 12, "linear") == pytest.approx(0.5) and lr_factor(12, 4, 12, "linear") == 0.0
+    assert lr_factor(8, 4, 12, "cosine") == pytest.approx(0.5) and lr_factor(12, 4, 12, "cosine") == pytest.approx(0.0)
+    assert lr_factor(6, 4, 12, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(12, 4, 12, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(11, 0, 12, "constant") == 1.0
+    # tail_linear: constant until 80% (step 8 of 10), then linear to 0
+    assert [lr_factor(s, 0, 10, "tail_linear") for s in (0, 7, 8, 9, 10)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_unknown_schedule_fails_before_training():
+    with pytest.raises(ConfigError, match="schedule 'cosin' is unknown"):
+        with_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 5, 10, "cosin")
+
+
+def test_adamw_skips_decay_on_biases_and_norms_and_frozen_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    decay, no_decay = adamw([model], lr=1e-3, weight_decay=0.1).param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0  # 2 biases, LayerNorm weight and bias
