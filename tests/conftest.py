@@ -41,11 +41,8 @@ def tiny_overrides() -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_thread():
-    """One intra-op thread for numeric tests of many small ops: on a shared 2-core box, OpenMP barriers under
-    oversubscription cost milliseconds per small op and made those tests 5-10x slower than their arithmetic."""
-    import torch
+    """One intra-op thread for numeric tests of many small ops (see opdf_exp.utils.threads)."""
+    from opdf_exp.utils.threads import torch_threads
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with torch_threads(1):
+        yield

@@ -19,6 +19,7 @@ from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
 from opdf_exp.utils.io import atomic_write_json
 from opdf_exp.utils.tables import write_table
+from opdf_exp.utils.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +96,6 @@ def _seed_list(seeds, base: int) -> list[int]:
             raise ConfigError(f"seeds={seeds} must be >= 1 (a count) or a list of seeds")
         return [base + i for i in range(seeds)]
     return [int(s) for s in seeds]
-
-
-class _Threads:
-    def __init__(self, n):
-        self.n, self.before = n, None
-
-    def __enter__(self):
-        if self.n:
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(int(self.n))
-
-    def __exit__(self, *exc):
-        if self.before:
-            torch.set_num_threads(self.before)
 
 
 # ------------------------------------------------------------------------------------------------- toy study
@@ -264,7 +251,7 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
     device = _device(trainer["accelerator"])
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with _Threads(p["num_threads"]):
+    with torch_threads(p["num_threads"]):
         # 1. teacher and tokenizer (a pretrained teacher is resolved first: offline, this fails in a second)
         t = p["teacher"]
         pretrained = t["pretrained"]

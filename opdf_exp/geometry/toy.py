@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
 from opdf_exp.utils.optim import with_schedule
+from opdf_exp.utils.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -260,20 +261,6 @@ def quiet_lightning():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int | None):
-    """Temporarily set torch's intra-op threads (tiny batched models run faster on one thread on small CPUs)."""
-    if not num_threads:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(num_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fit_module(module: pl.LightningModule, loader: DataLoader, max_steps: int, accelerator: str = "cpu") -> None:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Sequence
 
 import torch
 
 from opdf_exp.errors import ConfigError
+from opdf_exp.utils.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,8 @@ _DEGENERATE_GAP = 1e-10
 DECOMPOSE_THREADS: int | None = 1
 
 
-@contextmanager
 def _decompose_threads(device: torch.device):
-    old = torch.get_num_threads()
-    if device.type != "cpu" or DECOMPOSE_THREADS is None or old <= DECOMPOSE_THREADS:
-        yield
-        return
-    torch.set_num_threads(DECOMPOSE_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return torch_threads(DECOMPOSE_THREADS if device.type == "cpu" else None)
 
 
 def _as_factors(factors: Sequence[int], what: str) -> list[int]:

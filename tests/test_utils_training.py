@@ -1,4 +1,4 @@
-"""The shared optimizer set-up and learning-rate schedule, against hand-computed values."""
+"""Shared training utilities (optimizer, learning-rate schedule, thread cap), against hand-computed values."""
 from __future__ import annotations
 
 import math
@@ -33,3 +33,14 @@ def test_adamw_skips_decay_on_biases_and_norms_and_frozen_parameters():
     decay, no_decay = adamw([model], lr=1e-3, weight_decay=0.1).param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0  # 2 biases, LayerNorm weight and bias
+
+
+def test_torch_threads_caps_and_restores():
+    from opdf_exp.utils.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None), torch_threads(before + 4):  # no cap / a cap above the current setting: unchanged
+        assert torch.get_num_threads() == before
