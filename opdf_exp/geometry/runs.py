@@ -375,7 +375,7 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
                 model.cpu()
                 doc_states[name] = probe_mod.pool_by_group(h.mean(1), owners)
                 token_states[name] = h[torch.as_tensor(token_pick)]
-            doc_ids, doc_labels = np.unique(owners, return_index=True)
+            _, doc_labels = np.unique(owners, return_index=True)
             z = sae_mod.latent_codes(sae, token_states["teacher"].reshape(-1, teacher_width), scale, device=device)
             order = np.argsort(-z.square().mean(0).numpy(), kind="stable")
             concepts = probe_mod.topic_concepts(labels[doc_labels], label_names) + probe_mod.latent_concepts(

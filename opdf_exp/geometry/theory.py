@@ -106,9 +106,6 @@ def capacity(alpha):
     return float(g) if np.ndim(alpha) == 0 else g
 
 
-g_alpha = capacity  # the notes' name
-
-
 def alpha_from_l0(n_features, l0) -> float:
     """alpha = 1 - L0 / F (L0 = mean number of active latents per token, F = alive latents)."""
     n = float(n_features)
@@ -151,9 +148,6 @@ def kept_features(width, alpha, n_features, *, rounding: str = "floor"):
     return int(kept) if np.ndim(width) == 0 else kept
 
 
-kept_count = kept_features
-
-
 def _charges(importances, ex2, sort: bool) -> np.ndarray:
     imp, order = check_importances(importances, sort=sort)
     if np.ndim(ex2) == 0:
@@ -189,9 +183,6 @@ def predicted_floor(width, alpha, importances, ex2=1.0, *, sort: bool = False, r
     tail = _tail_sums(charges)
     floors = tail[np.asarray(kept)]
     return float(floors) if np.ndim(width) == 0 else floors
-
-
-floor_eq2 = predicted_floor
 
 
 def floor_from_kept(kept, importances, ex2=1.0, *, sort: bool = False):
@@ -288,9 +279,6 @@ def fit_floor(predicted, observed, mode: str = "ols", *, widths: Sequence[int] |
     else:
         raise ConfigError(f"fit mode '{mode}' is unknown; use one of {', '.join(FIT_MODES)}")
     return FloorFit(C=C, B=B, r2=r_squared(o, C * p + B), mode=mode, n=int(p.size))
-
-
-affine_fit = fit_floor
 
 
 # --------------------------------------------------------------------------------------------- accuracy metrics

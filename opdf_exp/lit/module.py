@@ -136,9 +136,6 @@ class DistillationModule(pl.LightningModule):
         self.test_metrics.reset()
 
     # -- optimisation
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in list(self.student.parameters()) + list(self.loss.parameters()) if p.requires_grad]
-
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas))
