@@ -9,8 +9,9 @@
 * Models: GPT-NeoX built from ``GPTNeoXConfig`` (random init; FFN 4x, rotary fraction 0.25, heads = the first of
   16/8/4/2/1 that divides the width with head dim >= 16, as in the authors' script), or a pretrained teacher
   resolved with :func:`opdf_exp.hub.resolve_model_path` (fails fast offline).
-* Loss: :func:`opdf_exp.distill.terms.soft_target_kl`, KL(teacher || student) at temperature T times T^2, averaged over *tokens* (not
-  PyTorch's ``batchmean``, which divides a [batch, seq, vocab] sum by the batch size only).
+* Loss: :func:`opdf_exp.distill.terms.soft_target_kl` (the ``kd`` term's function), KL(teacher || student) at
+  temperature T times T^2, averaged over *tokens* (not PyTorch's ``batchmean``, which divides a
+  [batch, seq, vocab] sum by the batch size only).
 * Training: Lightning modules (:class:`CausalLMModule` for the teacher, :class:`KDModule` for students) that
   evaluate on held-out windows every ``eval_every`` steps; the floor is the mean of the last 10% of evaluations.
 """
@@ -281,7 +282,7 @@ class CausalLMModule(_LMBase):
 
 
 class KDModule(_LMBase):
-    """Distils a frozen teacher into ``student`` with :func:`token_mean_kl`; evaluation reports the same KD loss,
+    """Distils a frozen teacher into ``student`` with :func:`soft_target_kl`; evaluation reports the same KD loss,
     the T=1 KL and the student's next-token CE on held-out windows."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 2.0, lr: float = 3e-3,
