@@ -37,7 +37,8 @@ class TaskLoss(LossTerm):
 
 
 class LogitKL(LossTerm):
-    """KL(teacher || student) on temperature-softened logits, mean over examples, or over non-padding tokens for token-level logits (Hinton et al. 2015).
+    """KL(teacher || student) on temperature-softened logits, mean over examples, or over non-padding tokens for
+    token-level logits (Hinton et al. 2015).
 
     ``t2_scaling`` multiplies by T^2 so the soft-target gradients keep their size as T grows (Hinton's choice;
     the LGTM/OPDF code omits it). With a single logit (regression) softmax is constant and KL is identically zero
