@@ -10,6 +10,11 @@ registers fake kernels for. C++ ops (``nms``, ``roi_align``) and image IO stay u
 project never uses.
 
 Tied to torchvision 0.28 internals: re-check on upgrade (tests/test_install.py does).
+
+Child processes started with the ``spawn`` method (Lightning's ``ddp_spawn``, DataLoader workers on macOS)
+unpickle Lightning objects before anything imports ``opdf_exp``, so they would crash the same way while the parent
+waits forever. When the patch is needed, :func:`_make_spawn_children_patch_first` makes every such child import
+this package first (see there).
 """
 from __future__ import annotations
 
@@ -46,4 +51,30 @@ def apply() -> str:
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _LIBRARY = lib
         PATCH_STATE = "patched"
+        _make_spawn_children_patch_first()
     return PATCH_STATE
+
+
+SPAWN_MAIN = "opdf_exp._spawn_main"
+
+
+def _make_spawn_children_patch_first() -> None:
+    """A spawned child runs ``init_main_from_name`` (the parent's ``__main__`` module) before it unpickles its
+    target, except when that module is a package's ``__main__`` (``python -m opdf_exp``, ``pytest``), which it
+    skips. In those cases we name a tiny module of ours instead, whose import applies the patch; a parent started
+    from a script keeps its own main (the script imports ``opdf_exp`` itself before starting children)."""
+    import multiprocessing.spawn as spawn
+
+    if getattr(spawn.get_preparation_data, "_opdf_patched", False):
+        return
+    original = spawn.get_preparation_data
+
+    def get_preparation_data(name):
+        data = original(name)
+        main_name = data.get("init_main_from_name")
+        if "init_main_from_path" not in data and (main_name is None or main_name.endswith("__main__")):
+            data["init_main_from_name"] = SPAWN_MAIN
+        return data
+
+    get_preparation_data._opdf_patched = True
+    spawn.get_preparation_data = get_preparation_data

@@ -1,14 +1,21 @@
 """The failure-safe job wrapper around every task.
 
-For each Hydra job it: seeds everything, prints and saves the config tree, runs the task, writes
-``results.json`` atomically, and always closes W&B (so multirun jobs never share a run). User errors print one
-line; in a multirun the failing job is marked failed and the other jobs still run.
+For each Hydra job it: skips the job when its folder already holds a complete ``results.json`` for the same
+overrides (a relaunched sweep), seeds everything, prints and saves the config tree, runs the task, writes
+``results.json`` atomically (rank zero only), and always closes W&B (so multirun jobs never share a run).
+
+Failures: user errors print one line (exit 2 in a single run). In a multirun any failing job writes
+``error.txt`` (the one-line error, then the traceback) into its folder and returns, so the sweep goes on; the
+end-of-sweep report lists it. A killed job leaves no ``results.json``, so a relaunch runs it again (resuming its
+stages from their ``last.ckpt``, see ``runner/distill_task.py``).
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sys
+import traceback
 import warnings
 import time
 from pathlib import Path
@@ -16,11 +23,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from opdf_exp.errors import UserError
+from opdf_exp.errors import ConfigError, UserError
+from opdf_exp.utils.distributed import is_global_zero, world_size
 from opdf_exp.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("opdf_exp")
 RESULTS_FILE = "results.json"
+ERROR_FILE = "error.txt"
 CONFIG_TREE_FILE = "config_tree.txt"
 TREE_ORDER = ("task", "data", "teacher", "student", "decomposition", "distill", "optim", "trainer", "callbacks",
               "logger", "paths")
@@ -62,6 +71,21 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def completed_result(output_dir: Path, overrides: list[str]) -> dict | None:
+    """The stored result of this job when its folder holds a complete ``results.json`` for the same overrides
+    (a relaunched sweep reuses ``hydra.sweep.dir``); ``None`` otherwise."""
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if payload.get("status") != "complete" or list(payload.get("overrides", [])) != list(overrides):
+        return None
+    return payload
+
+
 def run_task(cfg: DictConfig) -> dict[str, Any]:
     """Seed, save the config tree, run ``cfg.task`` and write ``results.json``. Returns the task's result."""
     import hydra
@@ -74,50 +98,107 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / RESULTS_FILE
-    if results_path.exists():
-        results_path.unlink()  # a re-used folder must never show a stale result for this job
+    overrides = job_overrides()
+    resume = str(cfg.get("resume", "auto"))
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume={resume!r} is unknown; use resume=auto (skip finished jobs, resume stages from "
+                          "last.ckpt) or resume=never")
+    if resume == "auto" and (done := completed_result(output_dir, overrides)) is not None:
+        log.info("skipped: %s already holds a complete %s for these overrides", output_dir, RESULTS_FILE)
+        return {**done, "skipped": True}
+    if is_global_zero():
+        for stale in (results_path, output_dir / ERROR_FILE):
+            if stale.exists():
+                stale.unlink()  # a re-used folder must never show a stale result or error for this job
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if cfg.get("print_config", True):
+    if cfg.get("print_config", True) and is_global_zero():
         print_config_tree(cfg, output_dir / CONFIG_TREE_FILE)
     started = time.perf_counter()
     task = hydra.utils.instantiate(cfg.task, _partial_=True)
     result = dict(task(cfg))
     wall = time.perf_counter() - started
     payload = {
+        "status": "complete",
         "task_name": cfg.task_name,
-        "overrides": job_overrides(),
+        "overrides": overrides,
         "seed": int(cfg.seed),
         "metrics": result.get("metrics", {}),
         "params": result.get("params", {}),
         "wall_time_s": round(wall, 2),
+        "world_size": world_size(),
         "output_dir": str(output_dir),
     }
     payload.update({k: v for k, v in result.items() if k not in payload and k != "tables"})
-    atomic_write_json(results_path, payload)
-    for name, table in result.get("tables", {}).items():
-        print(f"\n{name}\n{table}\n")
-    log.info("results written to %s (%.1f s)", results_path, wall)
+    if is_global_zero():
+        atomic_write_json(results_path, payload)
+        for name, table in result.get("tables", {}).items():
+            print(f"\n{name}\n{table}\n")
+        log.info("results written to %s (%.1f s)", results_path, wall)
     return result
+
+
+def write_error(output_dir: Path, error: BaseException) -> Path:
+    """``error.txt``: the one-line error first (what the report shows), then the traceback."""
+    first = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, UserError):
+        first = f"{type(error).__name__}: {first}"
+    text = first + "\n\n" + "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return atomic_write_text(output_dir / ERROR_FILE, text)
+
+
+def _check_optimized_metric(cfg: DictConfig, result: dict) -> float | None:
+    """The value a sweeper optimises. An Optuna search on a metric that was never logged fails with the list of
+    metrics that were."""
+    metric = cfg.get("optimized_metric")
+    if not metric:
+        return None
+    metrics = result.get("metrics", {})
+    value = metrics.get(metric)
+    if value is None and _sweeper_optimises():
+        known = ", ".join(sorted(k for k in metrics if "/loss/" not in k)[:12])
+        raise ConfigError(f"optimized_metric={metric!r} was never logged by this job; pick one of: {known}")
+    return float(value) if value is not None else None
+
+
+def _sweeper_optimises() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return "optuna" in target.lower()
 
 
 def run_job(cfg: DictConfig) -> float | None:
     """Hydra task function. Returns ``cfg.optimized_metric`` (for sweepers such as Optuna) when present."""
+    from opdf_exp.runner import progress
+
+    output_dir = Path(cfg.paths.output_dir)
+    multirun = is_multirun()
+    if multirun and is_global_zero():
+        progress.job_started(output_dir)
     try:
         result = run_task(cfg)
-    except UserError as error:
-        if is_multirun():
-            log.error("job failed: %s", error)
-            raise
-        sys.stdout.flush()  # the config tree and progress output come first, the error on a line of its own
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        value = _check_optimized_metric(cfg, result)
+    except Exception as error:
+        if is_global_zero():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_error(output_dir, error)
+        if multirun:
+            log.error("job failed (%s): %s", output_dir / ERROR_FILE, " ".join(str(error).split()))
+            if is_global_zero():
+                progress.job_ended(output_dir, None)
+            return None  # the sweep goes on; the report lists this job as failed
+        if isinstance(error, UserError):
+            sys.stdout.flush()  # the config tree and progress output come first, the error on a line of its own
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
     finally:
         _finish_wandb()
-    metric = cfg.get("optimized_metric")
-    if metric:
-        value = result.get("metrics", {}).get(metric)
-        return float(value) if value is not None else None
-    return None
+    if multirun and is_global_zero():
+        progress.job_ended(output_dir, result, cfg.get("optimized_metric"))
+    return value
 
 
 def _finish_wandb() -> None:

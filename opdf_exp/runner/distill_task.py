@@ -8,6 +8,10 @@ Stages of one job, in order:
 
 A *variant* is a named list of overrides in command-line syntax (``[decomposition=mpo]``) applied on top of this
 job's own overrides, so a comparison table reuses one teacher and one config language.
+
+Resuming: with ``resume=auto`` (the default) every stage that finds its own ``checkpoints/<stage>/last.ckpt`` in
+the job folder continues from it (a stage that had finished ends at once and is re-evaluated), so a relaunched
+sweep ends with the same metrics as an uninterrupted one. Only global rank zero writes files.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from opdf_exp.lit.module import DistillationModule
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.runner.app import job_overrides
 from opdf_exp.runner.loggers import build_loggers, log_final
-from opdf_exp.runner.trainer import build_trainer
+from opdf_exp.runner.trainer import build_trainer, trainer_world_size
+from opdf_exp.utils.distributed import is_global_zero
 from opdf_exp.utils.io import atomic_write_json
 from opdf_exp.utils.tables import write_table
 
@@ -65,7 +70,9 @@ def _save_last(trainer: pl.Trainer) -> None:
 
 
 def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """Save to a temporary sibling folder, then swap it into place."""
+    """Save to a temporary sibling folder, then swap it into place (rank zero only)."""
+    if not is_global_zero():
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     model.save_pretrained(tmp)
@@ -105,19 +112,41 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
 
 
 def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.nn.Module, dict[str, float], dict]:
-    """Build the teacher; fine-tune it on the task (or reuse a cached fine-tune); return it with its metrics."""
+    """Build the teacher; fine-tune it on the task (or reuse a cached fine-tune); return it with its metrics.
+
+    Concurrent jobs of a sweep (joblib, SLURM arrays) that need the same fine-tune build it once: the first takes
+    a file lock on the cache entry and the others wait, then load it. The entry is written to a temporary folder
+    and ``teacher.json`` last, so a job killed while building leaves nothing a later job would trust (and the OS
+    releases its lock). Distributed jobs skip the lock: their ranks must enter the fit together.
+    """
     finetune = cfg.teacher.finetune
+    cache = Path(cfg.paths.cache_dir) / "teachers" / _teacher_cache_key(cfg)
+    use_cache = bool(finetune.enabled and finetune.cache and not cfg.trainer.get("fast_dev_run"))
+    if use_cache and trainer_world_size(cfg.trainer) == 1:
+        from filelock import FileLock
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache) + ".lock"):
+            return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
+    return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
+
+
+def _load_cached_teacher(cache: Path, cfg: DictConfig):
+    from transformers import AutoModelForSequenceClassification
+
+    log.info("reusing fine-tuned teacher from %s", cache)
+    teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
+    saved = json.loads((cache / "teacher.json").read_text())
+    return teacher, saved["metrics"], {**saved["info"], "cached": True, "cache_dir": str(cache)}
+
+
+def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, use_cache: bool):
+    finetune = cfg.teacher.finetune
+    if use_cache and (cache / "teacher.json").is_file():
+        return _load_cached_teacher(cache, cfg)
     teacher = hydra.utils.instantiate(cfg.teacher.model)
     splits = datamodule.load_splits()
     info: dict[str, Any] = {"params": {"train": 0, "inference": _count(teacher)}, "cached": False}
-    cache = Path(cfg.paths.cache_dir) / "teachers" / _teacher_cache_key(cfg)
-    if finetune.enabled and finetune.cache and (cache / "teacher.json").is_file():
-        from transformers import AutoModelForSequenceClassification
-
-        log.info("reusing fine-tuned teacher from %s", cache)
-        teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
-        saved = json.loads((cache / "teacher.json").read_text())
-        return teacher, saved["metrics"], {**saved["info"], "cached": True, "cache_dir": str(cache)}
     freeze_parameters(teacher, finetune.get("freeze"))
     info["params"]["train"] = _count(teacher, trainable_only=True) if finetune.enabled else 0
     loss = DistillationLoss({"task": TaskLoss()}, {"task": 1.0})
@@ -127,15 +156,34 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
     trainer = build_trainer(cfg, "teacher", TEACHER_PREFIX, loggers, finetune.trainer if finetune.enabled else None)
     started = time.perf_counter()
     if finetune.enabled:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer))
         _save_last(trainer)
     info["train_time_s"] = round(time.perf_counter() - started, 1)
     metrics = _evaluate(trainer, module, datamodule)
     teacher = module.student
-    if finetune.enabled and finetune.cache and not trainer.fast_dev_run:
-        _save_pretrained_atomic(teacher, None, cache / "model")
-        atomic_write_json(cache / "teacher.json", {"metrics": metrics, "info": info})  # written last: marks done
+    if use_cache and is_global_zero():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        teacher.save_pretrained(tmp / "model")
+        atomic_write_json(tmp / "teacher.json", {"metrics": metrics, "info": info})  # marks the entry done
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
     return teacher, metrics, info
+
+
+def _resume_path(cfg: DictConfig, trainer: pl.Trainer, explicit: str | None = None) -> str | None:
+    """The checkpoint a stage continues from: ``explicit`` (``ckpt_path=``), else with ``resume=auto`` the
+    stage's own ``last.ckpt`` left in this job folder by an interrupted run."""
+    if explicit:
+        return explicit
+    callback = trainer.checkpoint_callback
+    if str(cfg.get("resume", "auto")) != "auto" or callback is None or not callback.dirpath:
+        return None
+    last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}.ckpt"
+    if last.is_file():
+        log.info("resuming stage from %s", last)
+        return str(last)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- students
@@ -225,7 +273,7 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     trainer = build_trainer(cfg, name, prefix, loggers)
     started = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer, cfg.get("ckpt_path")))
     train_time = time.perf_counter() - started
     steps = int(trainer.global_step)  # before evaluation restores the best checkpoint's counter
     _save_last(trainer)
@@ -284,7 +332,8 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
                             teacher_info.get("train_time_s"))]
     table_rows += [table_row(row["label"], row["metrics"], prefix[row["name"]], row["params"], row["train_time_s"])
                    for row in rows]
-    table = write_table(table_rows, Path(cfg.paths.output_dir) / "results_table", digits={"train time (s)": 1})
+    table = write_table(table_rows, Path(cfg.paths.output_dir) / "results_table", digits={"train time (s)": 1},
+                        save=is_global_zero())
     log_final(loggers, {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                         for k, v in cfg.items() if k != "hydra"}, metrics)
     return {"metrics": metrics, "params": main_row["params"],

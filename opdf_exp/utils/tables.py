@@ -46,11 +46,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], stem: str | Path, columns: Sequence[str] | None = None,
-                digits: int | Mapping[str, int] = 4) -> str:
-    """Write ``<stem>.md`` and ``<stem>.csv``; return the Markdown."""
+                digits: int | Mapping[str, int] = 4, save: bool = True) -> str:
+    """Write ``<stem>.md`` and ``<stem>.csv`` (unless ``save`` is false: non-zero ranks); return the Markdown."""
     stem = Path(stem)
     columns = list(columns or (rows[0].keys() if rows else []))
     markdown = markdown_table(rows, columns, digits)
+    if not save:
+        return markdown
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
