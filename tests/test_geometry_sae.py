@@ -6,6 +6,8 @@ import torch.nn as nn
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import sae as S
 from opdf_exp.geometry import theory
+from opdf_exp.lit.geometry import train_sae
+from opdf_exp.runner.trainer import StageTrainers
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,7 @@ def planted_measurement():
     with torch_threads(1):  # tiny matmuls: one thread is faster and immune to a busy second core
         data = S.planted_superposition(100_000, d=64, n_features=512, alpha=0.98, seed=0)
         cfg = S.SAETrainConfig(kind="topk", n_latents=512, k=10, steps=500, batch_size=1024, lr=1e-2, seed=0)
-        sae, scale = S.train_sae(data.activations, cfg)
+        sae, scale = train_sae(data.activations, cfg, StageTrainers())
         return data, sae, S.measure(sae, data.activations, scale, alive_threshold=1e-5)
 
 
@@ -37,7 +39,7 @@ def test_sae_recovers_planted_f_and_alpha(planted_measurement):
 def test_relu_sae_trains_and_decoder_stays_unit_norm():
     data = S.planted_superposition(8192, d=16, n_features=64, alpha=0.9, seed=1)
     cfg = S.SAETrainConfig(kind="relu", n_latents=64, l1_coeff=1e-3, steps=30, batch_size=512, lr=3e-3)
-    sae, scale = S.train_sae(data.activations, cfg)
+    sae, scale = train_sae(data.activations, cfg, StageTrainers())
     norms = sae.W_dec.norm(dim=0)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     m = S.measure(sae, data.activations, scale)

@@ -103,9 +103,27 @@ def test_task_yaml_matches_code_defaults(name):
 
     from omegaconf import OmegaConf
 
-    from opdf_exp.geometry import runs
+    from opdf_exp.runner import geometry_runs as runs
 
     yaml = OmegaConf.to_container(OmegaConf.load(files("opdf_exp.conf") / "task" / f"{name}.yaml"))
     assert yaml.pop("_target_") == f"opdf_exp.runner.geometry_tasks.{name}" and yaml.pop("_partial_") is True
     defaults = runs.TOY_DEFAULTS if name == "geometric_toy" else runs.FLOOR_DEFAULTS
     assert yaml == defaults
+
+
+def test_geometry_study_logs_to_wandb_through_the_one_trainer_builder(tmp_path, monkeypatch):
+    """``logger=wandb`` works for the geometry studies too: one offline run with each stage's prefixed losses,
+    the resolved config and the final metrics."""
+    pytest.importorskip("wandb")
+    from opdf_exp.runner.app import run_job
+    from tests.helpers.hydra import compose_job
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with compose_job(["+experiment=geometric_toy_smoke", "task.train.steps=20", "task.eval.samples=1024",
+                      "task.plots=false", "logger=wandb", "print_config=false"], tmp_path) as cfg:
+        run_job(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for expected in (b"toy_teachers/train/loss", b"toy_students/train/loss", b"geometric_toy_smoke", b"pearson_r"):
+        assert expected in record, expected

@@ -23,16 +23,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from opdf_exp.distill.terms import soft_target_kl
 from opdf_exp.errors import ConfigError
-from opdf_exp.utils.optim import adamw, with_schedule
-from opdf_exp.geometry.toy import quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -228,89 +224,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ loss
-def _lm_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def lm_cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-
-
-class _LMBase(pl.LightningModule):
-    def __init__(self, lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int, max_steps: int):
-        super().__init__()
-        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.warmup_steps, self.max_steps = warmup_steps, max_steps
-        self.eval_history: list[dict[str, float]] = []
-        self._eval_sums: dict[str, float] = {}
-        self._eval_count = 0
-
-    def trainable(self) -> nn.Module:
-        raise NotImplementedError
-
-    def configure_optimizers(self):
-        opt = adamw([self.trainable()], self.lr, self.weight_decay, self.betas)
-        return with_schedule(opt, self.warmup_steps, self.max_steps, "cosine", min_ratio=0.1)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_sums, self._eval_count = {}, 0
-
-    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            self._eval_sums[key] = self._eval_sums.get(key, 0.0) + float(value)
-        self._eval_count += 1
-
-    def on_validation_epoch_end(self) -> None:
-        if self._eval_count:
-            record = {k: v / self._eval_count for k, v in self._eval_sums.items()}
-            record["step"] = int(self.global_step)
-            self.eval_history.append(record)
-
-
-class CausalLMModule(_LMBase):
-    """Next-token cross-entropy training of a (teacher) causal LM; eval CE on held-out windows."""
-
-    def __init__(self, model: nn.Module, lr: float = 3e-3, betas=(0.9, 0.95), weight_decay: float = 0.01,
-                 warmup_steps: int = 50, max_steps: int = 1000):
-        super().__init__(lr, betas, weight_decay, warmup_steps, max_steps)
-        self.model = model
-
-    def trainable(self) -> nn.Module:
-        return self.model
-
-    def training_step(self, batch, batch_idx):
-        return _lm_ce(self.model(input_ids=batch).logits, batch)
-
-    def validation_step(self, batch, batch_idx):
-        self._accumulate({"ce": _lm_ce(self.model(input_ids=batch).logits, batch)})
-
-
-class KDModule(_LMBase):
-    """Distils a frozen teacher into ``student`` with :func:`soft_target_kl`; evaluation reports the same KD loss,
-    the T=1 KL and the student's next-token CE on held-out windows."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 2.0, lr: float = 3e-3,
-                 betas=(0.9, 0.95), weight_decay: float = 0.01, warmup_steps: int = 50, max_steps: int = 1000):
-        super().__init__(lr, betas, weight_decay, warmup_steps, max_steps)
-        self.student = student
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.temperature = float(temperature)
-
-    def trainable(self) -> nn.Module:
-        return self.student
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def training_step(self, batch, batch_idx):
-        with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch).logits
-        return soft_target_kl(self.student(input_ids=batch).logits, t_logits, self.temperature)
-
-    def validation_step(self, batch, batch_idx):
-        t_logits = self.teacher(input_ids=batch).logits
-        s_logits = self.student(input_ids=batch).logits
-        self._accumulate({"kd": soft_target_kl(s_logits, t_logits, self.temperature),
-                          "kl_t1": soft_target_kl(s_logits, t_logits, 1.0),
-                          "ce": _lm_ce(s_logits, batch)})
 
 
 @dataclass
@@ -328,27 +243,6 @@ class LMTrainConfig:
     precision: str = "32-true"
     devices: int = 1
     gradient_clip_val: float = 1.0
-
-
-def fit_lm(module: _LMBase, train_windows: torch.Tensor, eval_windows: torch.Tensor, cfg: LMTrainConfig, seed: int) -> list[dict]:
-    """Train with a Lightning Trainer, validating every ``eval_every`` steps on the first ``eval_batches`` held-out
-    batches; returns the evaluation history."""
-    if cfg.steps < 1:
-        raise ConfigError(f"steps={cfg.steps} must be >= 1")
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, cfg.steps // 10)
-    module.warmup_steps, module.max_steps = warmup, cfg.steps
-    every = max(1, min(cfg.eval_every, cfg.steps))
-    with quiet_lightning():
-        trainer = pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
-                             max_steps=cfg.steps, max_epochs=1, val_check_interval=every,
-                             check_val_every_n_epoch=None, limit_val_batches=cfg.eval_batches,
-                             num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             gradient_clip_val=cfg.gradient_clip_val)
-        trainer.fit(module, train_dataloaders=train_loader(train_windows, cfg.batch_size, cfg.steps, seed),
-                    val_dataloaders=eval_loader(eval_windows, cfg.eval_batch_size))
-    module.cpu()
-    return module.eval_history
 
 
 def floor_of(history: Sequence[dict], key: str = "kd", tail: float = 0.1) -> float:
@@ -370,5 +264,5 @@ def evaluate_lm(model: nn.Module, windows: torch.Tensor, batch_size: int = 16, m
         if max_batches is not None and i >= max_batches:
             break
         batch = windows[start:start + batch_size].to(device)
-        losses.append(float(_lm_ce(model(input_ids=batch).logits, batch)))
+        losses.append(float(lm_cross_entropy(model(input_ids=batch).logits, batch)))
     return float(np.mean(losses))

@@ -21,16 +21,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset  # noqa: F401  (planted data helpers)
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
-from opdf_exp.geometry.toy import fit_module
-from opdf_exp.utils.optim import with_schedule
 
 SAE_KINDS = ("relu", "topk")
 
@@ -119,32 +116,6 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-8))
 
 
-class SAEModule(pl.LightningModule):
-    """Lightning wrapper: Adam, decoder renormalised after every optimizer step, optional gradient clipping."""
-
-    def __init__(self, sae: SparseAutoencoder, lr: float = 1e-3, betas=(0.9, 0.999), warmup_steps: int = 0,
-                 max_steps: int = 1000, lr_decay: bool = True):
-        super().__init__()
-        self.sae = sae
-        self.lr, self.betas, self.warmup_steps, self.max_steps, self.lr_decay = lr, tuple(betas), warmup_steps, max_steps, lr_decay
-        self.history: list[dict[str, float]] = []
-
-    def training_step(self, batch, batch_idx):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        loss, parts = self.sae.loss(x)
-        if batch_idx % 50 == 0:
-            self.history.append({"step": batch_idx, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.sae.normalize_decoder()
-
-    def configure_optimizers(self):
-        # constant, then linear decay to 0 over the last 20% (as in Gao et al. / common SAE recipes)
-        opt = torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas)
-        return with_schedule(opt, self.warmup_steps, self.max_steps, "tail_linear" if self.lr_decay else "constant")
-
-
 @dataclass
 class SAETrainConfig:
     kind: str = "topk"
@@ -162,34 +133,6 @@ class SAETrainConfig:
     normalize: bool = True  # rescale activations so that E||x||^2 = d_in while training (undone in measure)
     alive_threshold: float = 1e-5
     seed: int = 0
-
-
-def train_sae(activations: torch.Tensor, cfg: SAETrainConfig, accelerator: str = "cpu") -> tuple[SparseAutoencoder, float]:
-    """Train an SAE on ``activations`` (tokens x d_in). Returns the SAE and the input scale it was trained at
-    (the SAE sees ``activations * scale``; :func:`measure` takes the same scale and reports original units)."""
-    x = activations.detach().float().reshape(-1, activations.shape[-1])
-    if x.shape[0] < 2:
-        raise ConfigError(f"only {x.shape[0]} activation vectors were collected; feed more tokens to the SAE")
-    d_in = x.shape[1]
-    n_latents = int(round(cfg.expansion * d_in)) if cfg.expansion else int(cfg.n_latents)
-    scale = 1.0
-    if cfg.normalize:
-        centered_sq = (x - x.mean(0)).square().sum(-1).mean()
-        scale = float(math.sqrt(d_in / max(float(centered_sq), 1e-12)))
-    xs = x * scale
-    torch.manual_seed(cfg.seed)
-    sae = SparseAutoencoder(d_in, n_latents, cfg.kind, cfg.k, cfg.l1_coeff, cfg.aux_k, cfg.aux_coeff,
-                            cfg.dead_after_tokens, seed=cfg.seed)
-    with torch.no_grad():
-        sae.b_pre.copy_(xs.mean(0))
-    module = SAEModule(sae, cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(TensorDataset(xs), batch_size=min(cfg.batch_size, xs.shape[0]), shuffle=True, generator=gen,
-                        drop_last=xs.shape[0] >= cfg.batch_size)
-    fit_module(module, loader, cfg.steps, accelerator)
-    sae.cpu()
-    sae.history = module.history
-    return sae.eval(), scale
 
 
 @dataclass

@@ -19,21 +19,18 @@ the whole sweep. This module does not import Hydra.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
-from opdf_exp.utils.optim import with_schedule
 from opdf_exp.utils.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -213,7 +210,7 @@ class _Bank(nn.Module):
         return TmsLoss.apply(self.weights(), self.b, x, target, self.imp)
 
 
-class _SparseStream(IterableDataset):
+class SparseStream(IterableDataset):
     """Endless batches: a dict ``{str(n): x of shape (G_n, batch, n)}``, one slice per (alpha, seed) group."""
 
     def __init__(self, p_active: dict[int, torch.Tensor], batch_size: int, seed: int):
@@ -223,54 +220,6 @@ class _SparseStream(IterableDataset):
         gen = torch.Generator().manual_seed(self.seed)
         while True:
             yield {str(n): sample_sparse(gen, p, self.batch_size, n) for n, p in self.p_active.items()}
-
-
-class BatchedToyModule(pl.LightningModule):
-    """Trains every bank at once: the loss is the *sum* of the per-model losses, so each model receives exactly
-    its own gradient (Adam is per-parameter, so models do not interact)."""
-
-    def __init__(self, banks: dict[int, _Bank], lr: float, max_steps: int, warmup_steps: int = 0,
-                 schedule: str = "cosine", log_every: int = 0):
-        super().__init__()
-        self.banks = nn.ModuleDict({str(n): bank for n, bank in banks.items()})
-        self.lr, self.max_steps, self.warmup_steps, self.schedule = lr, max_steps, warmup_steps, schedule
-        self.log_every = log_every
-        self.history: list[tuple[int, float]] = []
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        total = sum(bank.losses(batch[key]).sum() for key, bank in self.banks.items())
-        if self.log_every and batch_idx % self.log_every == 0:
-            self.history.append((batch_idx, float(total.detach())))
-        return total
-
-    def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
-        return with_schedule(opt, self.warmup_steps, self.max_steps, self.schedule)
-
-
-@contextlib.contextmanager
-def quiet_lightning():
-    """Silence Lightning's per-fit banner lines (GPU available, ...) for the many tiny fits of a sweep."""
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def fit_module(module: pl.LightningModule, loader: DataLoader, max_steps: int, accelerator: str = "cpu") -> None:
-    """One Lightning fit with no logger, checkpoint, progress bar or validation (the sweep evaluates itself)."""
-    with quiet_lightning():
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=max_steps, max_epochs=-1,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                             deterministic=False)
-        trainer.fit(module, train_dataloaders=loader)
 
 
 @dataclass
@@ -301,7 +250,7 @@ class ToyRun:
     timings: dict[str, float]
 
 
-def _p_active_per_n(sweep: ToySweep) -> tuple[dict[int, torch.Tensor], dict[tuple, int]]:
+def p_active_per_n(sweep: ToySweep) -> tuple[dict[int, torch.Tensor], dict[tuple, int]]:
     """One sampling group per (n, alpha, seed); returns p_active per n and the group index lookup."""
     p_active, index = {}, {}
     for n in sweep.n_features:
@@ -314,7 +263,7 @@ def _p_active_per_n(sweep: ToySweep) -> tuple[dict[int, torch.Tensor], dict[tupl
     return p_active, index
 
 
-def _build_banks(sweep: ToySweep, ids: list[int], group_lookup: dict, seed: int,
+def build_banks(sweep: ToySweep, ids: list[int], group_lookup: dict, seed: int,
                  teachers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[dict[int, _Bank], dict[int, list[int]]]:
     gen = torch.Generator().manual_seed(seed)
     banks, members = {}, {}
@@ -341,7 +290,7 @@ def _build_banks(sweep: ToySweep, ids: list[int], group_lookup: dict, seed: int,
 
 
 @torch.no_grad()
-def _evaluate(sweep: ToySweep, banks: dict[int, _Bank], members: dict[int, list[int]], cfg: ToyTrainConfig,
+def evaluate_sweep(sweep: ToySweep, banks: dict[int, _Bank], members: dict[int, list[int]], cfg: ToyTrainConfig,
               out: ToyRun) -> None:
     """Task loss (and distillation loss) on a fixed evaluation set per (n, alpha), plus kept features."""
     for n, bank in banks.items():
@@ -372,49 +321,6 @@ def _evaluate(sweep: ToySweep, banks: dict[int, _Bank], members: dict[int, list[
             out.kept_mask[i] = mask
             out.kept[i] = int(mask.sum())
             out.capacity_used[i] = float(cap[j].sum()) / sweep.models[i].width
-
-
-def run_toy_sweep(sweep: ToySweep, cfg: ToyTrainConfig | None = None, *, seed: int = 0,
-                  num_threads: int | None = 1, accelerator: str = "cpu") -> ToyRun:
-    """Train phase 1 (teachers, controls) then phase 2 (students) and evaluate every model."""
-    cfg = cfg or ToyTrainConfig()
-    if cfg.batch_size < 1 or cfg.steps < 1:
-        raise ConfigError(f"steps={cfg.steps} and batch_size={cfg.batch_size} must be >= 1")
-    m = len(sweep.models)
-    out = ToyRun(sweep, np.full(m, np.nan), np.full(m, np.nan), np.zeros(m, dtype=int), [None] * m,
-                 np.full(m, np.nan), {})
-    p_active, lookup = _p_active_per_n(sweep)
-    phase1 = [i for i, s in enumerate(sweep.models) if s.role in ("teacher", "control")]
-    phase2 = [i for i, s in enumerate(sweep.models) if s.role == "student"]
-    with torch_threads(num_threads):
-        started = time.perf_counter()
-        banks, members = _build_banks(sweep, phase1, lookup, seed)
-        module = BatchedToyModule(banks, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.log_every)
-        loader = DataLoader(_SparseStream(p_active, cfg.batch_size, seed + 1), batch_size=None)
-        fit_module(module, loader, cfg.steps, accelerator)
-        module.cpu()
-        out.timings["phase1_s"] = time.perf_counter() - started
-        _evaluate(sweep, banks, members, cfg, out)
-        teachers = {}
-        for n, bank in banks.items():
-            w = bank.weights().detach()
-            for j, i in enumerate(members[n]):
-                if sweep.models[i].role == "teacher":
-                    teachers[i] = (w[j, : sweep.models[i].width].clone(), bank.b[j, 0].detach().clone())
-        out.timings["eval1_s"] = time.perf_counter() - started - out.timings["phase1_s"]
-        if phase2:
-            started = time.perf_counter()
-            steps2 = cfg.student_steps or cfg.steps
-            banks2, members2 = _build_banks(sweep, phase2, lookup, seed + 2, teachers)
-            module2 = BatchedToyModule(banks2, cfg.lr, steps2, cfg.warmup_steps, cfg.schedule, cfg.log_every)
-            loader2 = DataLoader(_SparseStream(p_active, cfg.batch_size, seed + 3), batch_size=None)
-            fit_module(module2, loader2, steps2, accelerator)
-            module2.cpu()
-            out.timings["phase2_s"] = time.perf_counter() - started
-            started = time.perf_counter()
-            _evaluate(sweep, banks2, members2, cfg, out)
-            out.timings["eval2_s"] = time.perf_counter() - started
-    return out
 
 
 # ------------------------------------------------------------------------------------------- predicted vs observed

@@ -73,20 +73,64 @@ def _first_of_sweeps(overrides: list[str]) -> list[str]:
     return single
 
 
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else []:
+        path = f"{prefix}{key}"
+        keys.append(path)
+        try:
+            child = cfg._get_node(key)
+        except Exception:
+            continue
+        if isinstance(child, DictConfig):
+            keys += _flat_keys(child, path + ".")
+    return keys
+
+
+def _closest_keys(message: str, compose_fn) -> str:
+    """For an override of a key that does not exist, name the closest keys of the composed config."""
+    import difflib
+    import re
+
+    match = re.search(r"Could not override '([^']+)'|Key '([^']+)' is not in struct", message)
+    if not match:
+        return ""
+    bad = match.group(1) or match.group(2)
+    try:
+        keys = _flat_keys(compose_fn())
+    except Exception:
+        return ""
+    close = difflib.get_close_matches(bad, keys, n=3, cutoff=0.6)
+    return f"; closest keys: {', '.join(close)}" if close else ""
+
+
 def validate_overrides(argv: list[str]) -> None:
-    """Compose the config once; raise :class:`UserError` with a one-line message on any problem."""
+    """Compose the config once; raise :class:`UserError` with a one-line message on any problem (an unknown key
+    names the closest existing ones; a GPU trainer on a CPU-only machine says to use ``trainer=ddp_sim``)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from opdf_exp.runner.trainer import check_trainer_config
 
     overrides, config_name = _collect_overrides(argv)
     try:
         overrides = _first_of_sweeps(overrides)
         GlobalHydra.instance().clear()
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            compose(config_name, overrides=overrides, return_hydra_config=True)
+            try:
+                cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException) as error:
+                hint = _closest_keys(str(error), lambda: compose(config_name, overrides=[
+                    o for o in overrides if "." not in o.split("=", 1)[0]]))
+                raise UserError(one_line(str(error)) + hint) from None
+            check_trainer_config(cfg.trainer)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
         raise UserError(one_line(str(error))) from None
     finally:
         GlobalHydra.instance().clear()
@@ -102,7 +146,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     resolvers.register()
     argv = sys.argv[1:]
-    if not any(a in ("--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc") for a in argv):
+    # Lightning's DDP launcher re-runs the job from its saved config (-cp <job>/.hydra -cn config.yaml or
+    # --experimental-rerun): that composition was validated when the job started.
+    relaunch = any(a in ("--experimental-rerun", "-cp", "--config-path") for a in argv)
+    if not relaunch and not any(a in ("--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc") for a in argv):
         try:
             validate_overrides(argv)
         except UserError as error:

@@ -38,7 +38,7 @@ from opdf_exp.hub import resolve_model_path
 from opdf_exp.lit.module import DistillationModule
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.runner.app import job_overrides
-from opdf_exp.runner.loggers import build_loggers, log_final
+from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
 from opdf_exp.utils.io import atomic_write_json
@@ -276,10 +276,12 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer, cfg.get("ckpt_path")))
     train_time = time.perf_counter() - started
     steps = int(trainer.global_step)  # before evaluation restores the best checkpoint's counter
+    epochs = int(trainer.current_epoch)  # with DDP each step takes world_size batches: epochs go faster
     _save_last(trainer)
     metrics = _evaluate(trainer, module, datamodule)
     row: dict[str, Any] = {"name": name, "label": label, "loss": loss.formula(), "params": params,
-                           "steps": steps, "train_time_s": round(train_time, 1),
+                           "steps": steps, "epochs": epochs, "world_size": int(trainer.world_size),
+                           "train_time_s": round(train_time, 1),
                            "metrics": metrics}
     if decomposition.kind != "none":
         from opdf_exp.mpo import export_dense
@@ -314,6 +316,10 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     if cfg.get("ckpt_path") and len(plan) > 1:
         raise ConfigError("ckpt_path resumes a single student; set task.variants=null or run the variant on its own")
     loggers = build_loggers(cfg.get("logger"))
+    # One W&B run per job; the teacher and each student variant log under their own prefix (teacher/...,
+    # kd_opdf/...), so one dashboard panel compares them and the run's config is the job's, shared by all.
+    add_wandb_tags(loggers, [f"experiment:{cfg.task_name}", f"decomposition:{cfg.decomposition.kind}",
+                             f"distill:{cfg.distill.get('name', 'custom')}"])
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
     rows = [train_student(vcfg, name, label, prefix[name], teacher, datamodule, loggers) for name, label, vcfg in plan]

@@ -77,3 +77,13 @@ def log_final(loggers: list, config: dict, metrics: dict) -> None:
             logger.log_hyperparams(config)
             logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=0)
         logger.save()
+
+
+def add_wandb_tags(loggers: list, tags: list[str]) -> None:
+    """Add tags to the job's W&B run (e.g. ``decomposition:mpo``, ``distill:kd``) so dashboards filter by them."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *tags]))

@@ -169,7 +169,9 @@ def build_trainer(cfg: DictConfig, stage: str, prefix: str, loggers: list,
                   extra_callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """The Trainer of one stage: ``cfg.trainer`` merged with the stage's ``overrides``, the job's callbacks
     (checkpoints under ``checkpoints/<stage>``, monitors prefixed by ``prefix``) and loggers."""
-    trainer_cfg = OmegaConf.merge(cfg.trainer, overrides or {})
+    trainer_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.trainer, resolve=True),
+                                  OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides)
+                                  else dict(overrides or {}))  # plain merge: a stage may set any Trainer argument
     check_trainer_config(trainer_cfg)
     callbacks = build_callbacks(cfg.get("callbacks"), stage, prefix, trainer_cfg.get("enable_progress_bar", True),
                                 checkpoints=checkpoints and trainer_cfg.get("enable_checkpointing", True) is not False)
@@ -181,5 +183,28 @@ def build_trainer(cfg: DictConfig, stage: str, prefix: str, loggers: list,
     if not checkpoints:
         trainer_cfg = OmegaConf.merge(trainer_cfg, {"enable_checkpointing": False})
     io = AtomicCheckpointIO(allow_pickle=bool(cfg.get("allow_unsafe_checkpoints", False)))
+    trainer_cfg = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k != "logger"}
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[io],
                                    _convert_="all")
+
+
+# Trainer settings of a job that has no ``trainer`` group (a study called from Python, a test).
+PLAIN_TRAINER = {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 1, "precision": "32-true",
+                 "logger": None, "enable_progress_bar": False, "enable_model_summary": False,
+                 "num_sanity_val_steps": 0, "deterministic": False, "default_root_dir": None}
+
+
+class StageTrainers:
+    """``make_trainer(stage, **overrides)`` for tasks with several fits (the geometry studies): every Trainer
+    comes from :func:`build_trainer` with the job's ``trainer``/``callbacks``/``logger`` config, the stage's
+    own budget as overrides, its metrics prefixed ``<stage>/`` and no checkpoints (the studies keep what they
+    measure themselves). With ``cfg=None`` a plain single-CPU Trainer config is used."""
+
+    def __init__(self, cfg: DictConfig | None = None, loggers: list | None = None):
+        base = OmegaConf.create({"trainer": PLAIN_TRAINER, "callbacks": {}})
+        self.cfg = cfg if cfg is not None and "trainer" in cfg else base
+        self.loggers = list(loggers or [])
+
+    def __call__(self, stage: str, **overrides) -> pl.Trainer:
+        overrides = {k: v for k, v in overrides.items()}
+        return build_trainer(self.cfg, stage, f"{stage}/", self.loggers, overrides, checkpoints=False)

@@ -2,7 +2,9 @@
 
 :func:`run_toy_experiment` (the 48-config toy study) and :func:`run_floor_experiment` (teacher -> SAE ->
 width-swept students -> calibrated fit -> probes) write every artifact into ``output_dir`` and return
-``{"metrics", "params", "tables"}`` as the runner expects. ``opdf_exp.runner.geometry_tasks`` adapts Hydra configs to them.
+``{"metrics", "params", "tables"}`` as the runner expects. ``opdf_exp.runner.geometry_tasks`` adapts Hydra configs to them
+and passes ``make_trainer``, the job's stage-Trainer factory (the runner's one builder), so the studies log to the
+job's loggers (W&B included) like every other task.
 """
 from __future__ import annotations
 
@@ -71,7 +73,6 @@ FLOOR_DEFAULTS: dict[str, Any] = {
     "fit": {"primary": "ols"},
     "probe": {"enabled": True, "docs": "all", "windows_per_doc": 1, "token_windows": 600, "n_fine": 6, "n_blocks": 3,
               "block_size": 32, "max_per_class": 1000, "min_rate": 0.002},
-    "trainer": {"accelerator": "cpu", "precision": "32-true", "devices": 1},
     "num_threads": 1,
     "plots": True,
 }
@@ -99,8 +100,9 @@ def _seed_list(seeds, base: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------- toy study
-def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 0) -> dict:
+def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 0, *, make_trainer) -> dict:
     from opdf_exp.geometry import toy
+    from opdf_exp.lit import geometry as train_toy
 
     p = merge_params(TOY_DEFAULTS, params)
     out = Path(output_dir)
@@ -121,7 +123,7 @@ def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 
                              survival_threshold=float(p["survival_threshold"]))
     log.info("toy sweep: %d models (%d configs x seeds %s), %d steps per phase", len(sweep.models),
              len(sweep.n_features) * len(sweep.alphas) * len(sweep.teacher_widths), sweep.seeds, cfg.steps)
-    run = toy.run_toy_sweep(sweep, cfg, seed=seed, num_threads=p["num_threads"])
+    run = train_toy.run_toy_sweep(sweep, cfg, seed=seed, num_threads=p["num_threads"], make_trainer=make_trainer)
     log.info("toy sweep trained: %s", {k: round(v, 1) for k, v in run.timings.items()})
     fitted = toy.fitted_packing_law(run)
     eq = p["equilibrium"]
@@ -230,11 +232,15 @@ def _device(accelerator: str) -> str:
     return "cpu"
 
 
-def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int = 0) -> dict:
+def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int = 0, *, make_trainer) -> dict:
     """Teacher -> SAE measurement -> students at every width -> observed vs predicted floors -> probes."""
     from opdf_exp.geometry import distill_lm as lm
     from opdf_exp.geometry import sae as sae_mod
+    from opdf_exp.lit import geometry as lit_geometry
 
+    params = dict(params or {})
+    # the job's trainer group (accelerator, precision, devices) decides where models are evaluated
+    trainer = params.pop("trainer", None) or {"accelerator": "cpu", "precision": "32-true", "devices": 1}
     p = merge_params(FLOOR_DEFAULTS, params)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +250,6 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
     fit_primary = p["fit"]["primary"]
     if fit_primary not in theory.FIT_MODES:
         raise ConfigError(f"task.fit.primary={fit_primary} is unknown; use one of {', '.join(theory.FIT_MODES)}")
-    trainer = p["trainer"]
     if p["tokenizer"] == "teacher" and not p["teacher"]["pretrained"]:
         raise ConfigError("task.tokenizer=teacher needs task.teacher.pretrained; use tokenizer=byte or minilm for a "
                           "teacher trained here")
@@ -283,9 +288,10 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
                                    float(t["ffn_mult"]), float(t["rotary_pct"]), max(seq_len, 128),
                                    tokenizer.eos_token_id)
             teacher = lm.build_neox(cfg_t, seed)
-            module = lm.CausalLMModule(teacher, lr=float(t["train"]["lr"]), betas=tuple(t["train"]["betas"]),
+            module = lit_geometry.CausalLMModule(teacher, lr=float(t["train"]["lr"]), betas=tuple(t["train"]["betas"]),
                                        weight_decay=float(t["train"]["weight_decay"]))
-            teacher_history = lm.fit_lm(module, train_windows, eval_windows, train_cfg(t["train"]), seed)
+            teacher_history = lit_geometry.fit_lm(module, train_windows, eval_windows, train_cfg(t["train"]), seed,
+                                                  make_trainer, "teacher")
         teacher.eval().requires_grad_(False).to(device)
         teacher_width = int(teacher.config.hidden_size)
         teacher_layers = int(teacher.config.num_hidden_layers)
@@ -311,7 +317,7 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
                                          steps=int(s["steps"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
                                          warmup_steps=int(s["warmup_steps"]), normalize=bool(s["normalize"]),
                                          alive_threshold=float(s["alive_threshold"]), seed=seed)
-        sae, scale = sae_mod.train_sae(acts, sae_cfg, trainer["accelerator"])
+        sae, scale = lit_geometry.train_sae(acts, sae_cfg, make_trainer)
         meas = sae_mod.measure(sae, acts, scale, sae_cfg.alive_threshold, device=device)
         predicted = meas.predicted_floors(widths)
         kept = meas.kept(widths)
@@ -330,9 +336,10 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
             cfg_s = lm.neox_config(int(teacher.config.vocab_size), w, layers, None, float(t["ffn_mult"]),
                                    float(t["rotary_pct"]), max(seq_len, 128), tokenizer.eos_token_id)
             student = lm.build_neox(cfg_s, seed + w)
-            module = lm.KDModule(student, teacher, float(st["temperature"]), lr=float(st["train"]["lr"]),
+            module = lit_geometry.KDModule(student, teacher, float(st["temperature"]), lr=float(st["train"]["lr"]),
                                  betas=tuple(st["train"]["betas"]), weight_decay=float(st["train"]["weight_decay"]))
-            history = lm.fit_lm(module, train_windows, eval_windows, train_cfg(st["train"]), seed + w)
+            history = lit_geometry.fit_lm(module, train_windows, eval_windows, train_cfg(st["train"]), seed + w,
+                                          make_trainer, f"student_{w}")
             teacher.eval().requires_grad_(False)
             histories[f"student_{w}"] = history
             student_models[w] = student.eval()

@@ -1,0 +1,142 @@
+"""Sweeps that survive: kill-and-relaunch, exact resume, failure isolation, DDP on 2 CPU processes, and the
+one-line errors of bad sweeps. Every test drives the real CLI in a subprocess, as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from opdf_exp.runner.report import report
+from tests.test_train import REPO, run_cli
+
+SMALL = ["teacher=tiny_bert", "logger=none", "trainer.enable_progress_bar=false", "print_config=false",
+         "teacher.finetune.trainer.max_steps=2", "data.module.limit_eval_examples=32", "data.module.batch_size=16",
+         "data.module.max_length=32", "task.variants=null"]
+
+
+def _env(cwd: Path) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OPDF_ROOT": str(cwd),
+            "PYTHONPATH": str(REPO)}
+
+
+def test_killed_sweep_relaunches_and_runs_every_job_exactly_once(tmp_path):
+    """A 2x2 tensor-shape sweep x 2 seeds, SIGKILLed once half of its jobs finished, then relaunched with the
+    same command: finished jobs are skipped (their results untouched), the rest run, and the report's means
+    equal the hand-computed means of the jobs' own results."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "opdf_exp", "-m", *SMALL, "decomposition=mpo", "decomposition.n=2,3",
+            "decomposition.max_bond=2,4", "seed=1,2", "trainer.max_steps=3", "data.module.limit_train_examples=48",
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(sweep.glob("*/results.json"))) < 4:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: p.read_bytes() for p in sweep.glob("*/results.json")}
+    assert 4 <= len(before) < 8, before.keys()
+    relaunch = subprocess.run(args, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    after = {p.parent.name: p.read_bytes() for p in sweep.glob("*/results.json")}
+    assert sorted(after) == [str(i) for i in range(8)]
+    assert all(after[name] == content for name, content in before.items())  # finished jobs were not rerun
+    output = relaunch.stdout + relaunch.stderr  # Hydra's job log goes to stdout
+    assert output.count("already holds a complete results.json") == len(before), output[-3000:]
+    assert "[sweep] job 7" in output and "left 0" in output
+    payloads = [json.loads(c) for c in after.values()]
+    for n in (2, 3):
+        for bond in (2, 4):
+            values = [p["metrics"]["test/acc"] for p in payloads
+                      if f"decomposition.n={n}" in p["overrides"] and f"decomposition.max_bond={bond}" in p["overrides"]]
+            assert len(values) == 2
+            cell = next(c for c in report([sweep])["experiments"][0]["cells"]
+                        if c["setting"] == {"decomposition.n": str(n), "decomposition.max_bond": str(bond)}
+                        and c["model"] == "student")
+            assert cell["stats"]["test/acc"]["mean"] == pytest.approx(statistics.fmean(values))
+            assert cell["stats"]["test/acc"]["std"] == pytest.approx(statistics.stdev(values))
+    assert (sweep / "summary.md").is_file()
+
+
+def test_job_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path):
+    """SIGKILL at step 5 of 10 (last.ckpt at step 4, mid-epoch: 6 batches an epoch), relaunch into the same run
+    folder: the final metrics and the per-step training losses equal the uninterrupted run's."""
+    common = [*SMALL, "logger=csv", "trainer.log_every_n_steps=1", "data.module.limit_train_examples=96",
+              "trainer.max_steps=10", "trainer.val_check_interval=2", "callbacks.model_checkpoint.monitor=null",
+              "optim.lr=1e-3"]
+    env = {"PYTHONPATH": str(REPO)}
+    assert run_cli([*common, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path, **env).returncode == 0
+    killed = run_cli([*common, f"hydra.run.dir={tmp_path / 'resumed'}", "+callbacks.killer._target_=tests.helpers.kill.KillAtStep",
+                      "+callbacks.killer.step=5"], tmp_path, **env)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "resumed" / "results.json").exists()
+    resumed = run_cli([*common, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming stage from" in resumed.stdout + resumed.stderr
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed"))
+    assert a["variants"][0]["steps"] == b["variants"][0]["steps"] == 10
+    assert a["metrics"] == b["metrics"]
+
+    def losses(folder):
+        import csv
+
+        rows = csv.DictReader((tmp_path / folder / "csv" / "metrics.csv").open())
+        return {r["step"]: r["train/loss"] for r in rows if r.get("train/loss")}
+
+    straight, resumed_losses = losses("straight"), losses("resumed")
+    assert resumed_losses and all(straight[step] == value for step, value in resumed_losses.items())
+
+
+def test_failing_job_writes_error_txt_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", *SMALL, "trainer.max_steps=1", "data.module.limit_train_examples=32",
+                      "student.model.layers=[0,1],[0,9]", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 1  # a sweep with a failed job says so
+    assert (sweep / "0" / "results.json").is_file() and not (sweep / "1" / "results.json").exists()
+    error = (sweep / "1" / "error.txt").read_text().splitlines()
+    assert "points past the teacher" in error[0] and any("Traceback" in line for line in error)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["complete"] == 1 and len(summary["failed"]) == 1 and "past the teacher" in summary["failed"][0]["error"]
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """trainer=ddp_sim runs 2 gloo processes: one results.json (rank zero), world size 2, each step takes two
+    batches (the epoch count doubles at the same step budget), and evaluation of the same untrained teacher
+    equals the single-process run's."""
+    common = [*SMALL, "teacher.finetune.enabled=false", "trainer.max_steps=4", "data.module.limit_train_examples=64",
+              "save_student=false"]
+    single = run_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, timeout=200)
+    started = time.perf_counter()
+    ddp = run_cli([*common, "trainer=ddp_sim", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, timeout=200)
+    assert time.perf_counter() - started < 180  # never hangs
+    assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-3000:]
+    assert (ddp.stdout + ddp.stderr).count("results written") == 1
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["variants"][0]["world_size"] == 2
+    assert one["variants"][0]["epochs"] == 1 and two["variants"][0]["epochs"] == 2  # 64 examples, 16 x 2 a step
+    for key, value in one["teacher"]["metrics"].items():
+        assert two["teacher"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_ddp_spawn_no_longer_hangs(tmp_path):
+    result = run_cli([*SMALL, "trainer=ddp_sim", "trainer.strategy=ddp_spawn", "teacher.finetune.enabled=false",
+                      "trainer.max_steps=1", "data.module.limit_train_examples=32", "save_student=false"], tmp_path,
+                     timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-m", "trainer.max_stepz=1,2"], "trainer.max_steps"),
+    (["trainer=ddp"], "trainer=ddp_sim"),
+])
+def test_bad_sweeps_fail_before_any_job(tmp_path, args, expected):
+    result = run_cli(args, tmp_path, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(".hydra"))
