@@ -199,7 +199,7 @@ def _label_parser(spec: GlueTask, path: Path, label_column: str | int):
     label2id = {name: index for index, name in enumerate(spec.label_names)}
 
     def fail(raw: str, line: int, expected: str):
-        raise ConfigError(f"label '{raw}' in '{path}' line {line} is not {expected} (GLUE {spec.name}); point "
+        raise ConfigError(f"label '{raw}' in '{path}' line {line} is not {expected} for GLUE {spec.name}; point "
                           f"data.path at {_folder_hint(spec)} or fix data.label_column={label_column} / "
                           f"data.num_labels={spec.num_labels}")
 
@@ -209,14 +209,13 @@ def _label_parser(spec: GlueTask, path: Path, label_column: str | int):
                 return float(raw)
             except ValueError:
                 fail(raw, line, "a number")
-        if raw in label2id:
+        if spec.labels_in_files == "name":  # only names: an id here would be another task's file (WNLI's 0 is
+            if raw not in label2id:          # not_entailment, RTE's is entailment)
+                fail(raw, line, f"one of {', '.join(spec.label_names)}")
             return label2id[raw]
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
+        value = int(raw) if raw.isdigit() else -1
         if not 0 <= value < spec.num_labels:
-            fail(raw, line, f"one of {', '.join(spec.label_names)} or an id in 0..{spec.num_labels - 1}")
+            fail(raw, line, f"a class id in 0..{spec.num_labels - 1} ({', '.join(spec.label_names)})")
         return value
 
     return parse
