@@ -301,3 +301,23 @@ def test_stsb_regression_training_reports_pearson_and_spearman(glue_root, tmp_pa
     for name in ("test/pearson", "test/spearman", "val/pearson", "teacher/test/pearson"):
         assert -1 <= metrics[name] <= 1, (name, sorted(metrics))
     assert not any(key.endswith("/acc") for key in metrics)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def test_task_scores_and_glue_average_follow_the_leaderboard_convention():
+    from opdf_exp.data import glue_average, report_sets, task_score
+
+    assert report_sets("mnli") == ("test", "test_mismatched") and report_sets("rte") == ("test",)
+    # BERT-large's GLUE leaderboard row (test sets): the leaderboard averages nine task scores, MNLI as the
+    # mean of matched and mismatched, two-metric tasks as the mean of their metrics; it reads 80.5.
+    row = {"cola": {"test/mcc": 60.5}, "sst2": {"test/acc": 94.9}, "mrpc": {"test/f1": 89.3, "test/acc": 85.4},
+           "stsb": {"test/pearson": 87.6, "test/spearman": 86.5}, "qqp": {"test/f1": 72.1, "test/acc": 89.3},
+           "mnli": {"test/acc": 86.7, "test_mismatched/acc": 85.9}, "qnli": {"test/acc": 92.7},
+           "rte": {"test/acc": 70.1}, "wnli": {"test/acc": 65.1}}
+    scores = {task: task_score(task, metrics) for task, metrics in row.items()}
+    assert scores["mnli"] == pytest.approx(86.3) and scores["mrpc"] == pytest.approx(87.35)
+    assert round(glue_average(scores, exclude=()), 1) == 80.5
+    assert glue_average(scores) == pytest.approx(sum(v for k, v in scores.items() if k != "wnli") / 8)  # default
+    assert task_score("mnli", {"kd/test/acc": 0.8, "kd/test_mismatched/acc": 0.7}, prefix="kd/") == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="test_mismatched/acc"):
+        task_score("mnli", {"test/acc": 0.8})

@@ -203,3 +203,40 @@ def check_problem_type(task_or_problem_type: str, needs_classification: bool, *,
     if needs_classification and problem_type == REGRESSION:
         raise ConfigError(f"{term} needs class probabilities but {what} is a regression task (one output); "
                           f"drop {term} or choose a term that works on a regression output (e.g. an MSE on logits)")
+
+
+# ----------------------------------------------------------------------------------------------- scores
+# The GLUE average leaves WNLI out, as KD papers do (its dev set has 71 examples and models rarely beat the
+# majority class); pass exclude=() for the leaderboard's nine-task average.
+GLUE_AVERAGE_EXCLUDES = ("wnli",)
+
+
+def report_sets(task: str) -> tuple[str, ...]:
+    """The test sets a task is scored on, by logged name: ``test`` (MNLI: matched) and any extra set."""
+    spec = glue_task(task)
+    return ("test", *(name for name, _ in spec.extra_dev_files))
+
+
+def task_score(task: str, metrics: Mapping[str, float], prefix: str = "") -> float:
+    """A task's GLUE score from logged metrics (``{prefix}test/acc`` ...): the mean of its metrics on each report
+    set, then the mean over the sets (MNLI = mean of matched and mismatched accuracy, as the leaderboard does).
+    Correlations and accuracies are fractions here; multiply by 100 for a table."""
+    spec = glue_task(task)
+    per_set = []
+    for name in report_sets(task):
+        keys = [f"{prefix}{name}/{metric}" for metric in spec.metrics]
+        missing = [key for key in keys if key not in metrics]
+        if missing:
+            raise ConfigError(f"metrics {missing} are missing for GLUE {spec.name}'s score; log {', '.join(keys)} "
+                              f"(data.metrics={list(spec.metrics)})")
+        per_set.append(sum(float(metrics[key]) for key in keys) / len(keys))
+    return sum(per_set) / len(per_set)
+
+
+def glue_average(scores: Mapping[str, float], exclude: tuple[str, ...] = GLUE_AVERAGE_EXCLUDES) -> float:
+    """Mean of task scores (one per task, MNLI counted once) over the tasks given, less ``exclude``."""
+    kept = {glue_task(task).name: float(score) for task, score in scores.items()}
+    kept = {task: score for task, score in kept.items() if task not in {glue_task(t).name for t in exclude}}
+    if not kept:
+        raise ConfigError(f"no task scores left to average (given {sorted(scores)}, excluded {list(exclude)})")
+    return sum(kept.values()) / len(kept)
