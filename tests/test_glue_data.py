@@ -136,7 +136,7 @@ def test_half_dev_halves_are_fixed_disjoint_and_cover_dev(task, glue_root):
     assert not set(selection) & set(report) and sorted(selection + report) == sorted(dev)
     assert len(selection) == math.ceil(len(dev) / 2)
     assert half.validation.text_a == again.validation.text_a  # fixed, whatever the run
-    assert [t for t, _ in selection] == [t for t, _ in dev if (t, _) in set(selection)]  # file order kept
+    assert selection == [pair for pair in dev if pair in set(selection)]  # file order kept
     assert full.train.text_a == half.train.text_a  # train is the whole training file under both protocols
 
 
