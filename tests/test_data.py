@@ -30,30 +30,33 @@ def write_tsv(folder: Path, header: str, rows: list[str]) -> None:
 
 def test_glue_tsv_halves_dev_and_reads_pairs(tmp_path):
     write_tsv(tmp_path / "SST-2", "sentence\tlabel", [f"text {i}\t{i % 2}" for i in range(10)])
-    splits = glue("sst2", ["sentence"], path=str(tmp_path / "SST-2"))
+    splits = glue("sst2", path=str(tmp_path / "SST-2"), text_columns=["sentence"])
     assert len(splits.train) == 10 and len(splits.validation) == 5 and len(splits.test) == 5
-    assert splits.validation.text_a[0] == "text 0" and splits.test.text_a[0] == "text 5"
+    # fixed halves of a seeded, label-stratified permutation (see half_dev_indices), each in file order
+    assert sorted(splits.validation.text_a + splits.test.text_a) == sorted(f"text {i}" for i in range(10))
+    assert all(abs(splits.validation.labels.count(k) - splits.test.labels.count(k)) <= 1 for k in (0, 1))
+    assert splits.validation.text_a == sorted(splits.validation.text_a, key=lambda t: int(t.split()[1]))
     write_tsv(tmp_path / "STS-B", "index\tsentence1\tsentence2\tscore", [f"{i}\ta {i}\tb {i}\t{i / 2}" for i in range(6)])
-    sts = glue("stsb", ["sentence1", "sentence2"], label_column="score", num_labels=1, path=str(tmp_path / "STS-B"),
-               eval_protocol="full_dev")
+    sts = glue("stsb", path=str(tmp_path / "STS-B"), eval_protocol="full_dev", text_columns=["sentence1", "sentence2"],
+               label_column="score", num_labels=1)
     assert sts.problem_type == "regression" and sts.train.text_b[2] == "b 2" and sts.train.labels[3] == 1.5
     assert len(sts.validation) == len(sts.test) == 6
 
 
 def test_glue_bad_inputs_name_the_fix(tmp_path):
     with pytest.raises(MissingFileError, match="data.path"):
-        glue("sst2", ["sentence"], path=str(tmp_path / "missing"))
+        glue("sst2", path=str(tmp_path / "missing"))
     write_tsv(tmp_path / "X", "sentence\tpolarity", ["a\t1"])
     with pytest.raises(ConfigError, match="set data.label_column"):
-        glue("sst2", ["sentence"], path=str(tmp_path / "X"))
+        glue("sst2", path=str(tmp_path / "X"))
     write_tsv(tmp_path / "Y", "sentence\tlabel", ["a\t7"])
     with pytest.raises(ConfigError, match="data.num_labels"):
-        glue("sst2", ["sentence"], path=str(tmp_path / "Y"))
+        glue("sst2", path=str(tmp_path / "Y"))
 
 
 @RunIf(shared=True)
 def test_real_sst2_from_shared():
-    splits = glue("sst2", ["sentence"], path=str(SHARED / "data" / "glue" / "SST-2"))
+    splits = glue("sst2", path=str(SHARED / "data" / "glue" / "SST-2"))
     assert len(splits.train) == 67349 and len(splits.validation) + len(splits.test) == 872
     assert set(splits.train.labels) == {0, 1}
 

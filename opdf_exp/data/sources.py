@@ -2,21 +2,25 @@
 
 Why a plain-Python layer under the DataModule: the same splits feed the teacher fine-tune, every student and the
 linear probes, and a source is testable without tokenizers or Lightning. Each source returns :class:`TextSplits`
-with ``train``, ``validation`` and ``test`` splits, label names and the problem type.
+with ``train``, ``validation`` and ``test`` splits (plus further named test sets, e.g. MNLI's mismatched dev set),
+label names and the problem type.
 """
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import importlib.util
+import logging
 import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from opdf_exp.data.glue_tasks import REGRESSION, GlueTask, glue_task
 from opdf_exp.errors import ConfigError, MissingFileError
 from opdf_exp.hub import require_hub_dataset
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -43,17 +47,41 @@ class TextExamples:
 
 @dataclass
 class TextSplits:
+    """``validation`` selects the checkpoint; ``test`` and every ``extra_test`` set are only reported.
+
+    ``extra_test`` holds further named evaluation sets (MNLI: ``test_mismatched``); their metrics are logged as
+    ``<name>/<metric>``. ``skipped_rows`` counts the malformed rows a reader skipped, per file.
+    """
+
     train: TextExamples
     validation: TextExamples
     test: TextExamples
     label_names: list[str] = field(default_factory=list)
     problem_type: str = "single_label_classification"  # or "regression"
+    extra_test: dict[str, TextExamples] = field(default_factory=dict)
+    skipped_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
         return 1 if self.problem_type == "regression" else len(self.label_names)
 
+    @property
+    def test_sets(self) -> dict[str, TextExamples]:
+        """Every reported set by name, ``test`` first (the order of the DataModule's test loaders)."""
+        return {"test": self.test, **self.extra_test}
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """For ``model.config.id2label``; a regression task has one output named ``score``."""
+        return dict(enumerate(self.label_names or ["score"]))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in self.id2label.items()}
+
     def split(self, name: str) -> TextExamples:
+        if name in self.extra_test:
+            return self.extra_test[name]
         return getattr(self, name)
 
 
@@ -140,96 +168,220 @@ def bbc_news(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed
 
 
 # --------------------------------------------------------------------------------------------- GLUE
+# The task table (files, columns, labels, metrics) lives in glue_tasks.py; this part reads files and the hub.
 GLUE_HUB_ID = "nyu-mll/glue"
-# Folder names of the official GLUE download (download_glue_data.py), for messages that say where to point data.path.
-GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
-                "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+GLUE_PROTOCOLS = ("half_dev", "full_dev")
+GLUE_OVERRIDES = ("text_columns", "label_column", "num_labels", "label_names", "train_file", "dev_file", "hub_id",
+                  "hub_validation_split", "half_dev_seed")
+MALFORMED_FRACTION_LIMIT = 0.5  # more malformed rows than this: the file is not in the task's layout
 
 
-def _read_tsv(path: Path, text_columns: Sequence[str], label_column: str, *, regression: bool,
-              label_names: Sequence[str] | None) -> TextExamples:
-    if not path.is_file():
-        raise MissingFileError(f"GLUE file '{path}' does not exist; set data.path to a folder holding train.tsv and "
-                               "dev.tsv (the official GLUE layout, e.g. <glue_data>/SST-2)")
-    csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        columns = reader.fieldnames or []
-        missing = [c for c in [*text_columns, label_column] if c not in columns]
-        if missing:
-            which = "data.label_column" if label_column in missing else "data.text_columns"
-            raise ConfigError(f"column(s) {missing} not found in '{path.name}' (columns: {', '.join(columns)}); "
-                              f"set {which} to one of those")
-        rows = list(reader)
-    def parse(raw: str):
-        if regression:
-            return float(raw)
-        if label_names and raw in label_names:  # e.g. MNLI's "entailment"
-            return list(label_names).index(raw)
-        return int(raw)
-
-    labels: list = []
-    for row in rows:
-        raw = row[label_column]
-        try:
-            labels.append(parse(raw))
-        except ValueError:
-            raise ConfigError(f"label '{raw}' in '{path.name}' column '{label_column}' is not "
-                              f"{'a number' if regression else 'an integer class id'}; check data.label_column") from None
-    text_a = [row[text_columns[0]] for row in rows]
-    text_b = [row[text_columns[1]] for row in rows] if len(text_columns) > 1 else None
-    return TextExamples(text_a, labels, text_b)
+def _folder_hint(spec: GlueTask) -> str:
+    return f"<glue_data>/{spec.folder} (holding {', '.join(spec.files)})"
 
 
-def _halve(examples: TextExamples) -> tuple[TextExamples, TextExamples]:
-    """GLUE test labels are hidden: the dev set is split in halves (first = validation, second = test), the
-    protocol of the OPDF/LGTM code. The test half is never used for model selection."""
-    half = len(examples) // 2
-    return examples.subset(range(half)), examples.subset(range(half, len(examples)))
+def _column_position(column: str | int, columns: list[str], path: Path, key: str) -> int:
+    """Position of a column given by header name or 0-based index; unknown names list the file's columns."""
+    if isinstance(column, int) or (isinstance(column, str) and column.isdigit() and column not in columns):
+        position = int(column)
+        if not 0 <= position < len(columns):
+            raise ConfigError(f"column index {position} is out of range for '{path.name}' ({len(columns)} columns: "
+                              f"{', '.join(columns)}); fix {key}")
+        return position
+    if column not in columns:
+        raise ConfigError(f"column(s) ['{column}'] not found in '{path.name}' (columns: {', '.join(columns)}); "
+                          f"set {key} to one of those")
+    return columns.index(column)
 
 
-def glue(task: str, text_columns: Sequence[str], label_column: str = "label", num_labels: int = 2,
-         path: str | None = None, train_file: str = "train.tsv", dev_file: str = "dev.tsv",
-         hub_id: str = GLUE_HUB_ID, hub_validation_split: str = "validation", eval_protocol: str = "half_dev",
-         label_names: Sequence[str] | None = None) -> TextSplits:
-    """A GLUE task from local TSV files (``path``) or, when ``path`` is null, from the HF hub.
+def _label_parser(spec: GlueTask, path: Path, label_column: str | int):
+    """str -> int id (hub order) or float score; anything else is a one-line error that names the layout."""
+    label2id = {name: index for index, name in enumerate(spec.label_names)}
 
-    ``eval_protocol``: ``half_dev`` (validation = first half of dev, test = second half; default) or ``full_dev``
-    (validation = test = the whole dev set, as in most GLUE papers that report dev scores).
+    def fail(raw: str, line: int, expected: str):
+        raise ConfigError(f"label '{raw}' in '{path}' line {line} is not {expected} for GLUE {spec.name}; point "
+                          f"data.path at {_folder_hint(spec)} or fix data.label_column={label_column} / "
+                          f"data.num_labels={spec.num_labels}")
+
+    def parse(raw: str, line: int):
+        if spec.labels_in_files == "score":
+            try:
+                return float(raw)
+            except ValueError:
+                fail(raw, line, "a number")
+        if spec.labels_in_files == "name":  # only names: an id here would be another task's file (WNLI's 0 is
+            if raw not in label2id:          # not_entailment, RTE's is entailment)
+                fail(raw, line, f"one of {', '.join(spec.label_names)}")
+            return label2id[raw]
+        value = int(raw) if raw.isdigit() else -1
+        if not 0 <= value < spec.num_labels:
+            fail(raw, line, f"a class id in 0..{spec.num_labels - 1} ({', '.join(spec.label_names)})")
+        return value
+
+    return parse
+
+
+def read_glue_tsv(path: Path, task: str, *, text_columns: Sequence[str | int] | None = None,
+                  label_column: str | int | None = None) -> tuple[TextExamples, dict[str, int]]:
+    """One official GLUE TSV file: examples, and the number of malformed rows skipped per reason.
+
+    Tab-separated with no quoting (``csv.QUOTE_NONE``: sentences contain bare ``"``), UTF-8 with an optional
+    byte-order mark (MRPC has one), a header row unless the task table names the columns (CoLA). A row with a
+    field count other than the header's, or with an empty label, is skipped, counted and logged (QQP has a few,
+    from questions that contain line breaks); more than half the rows malformed means a wrong file and fails.
     """
-    if eval_protocol not in ("half_dev", "full_dev"):
-        raise ConfigError(f"data.eval_protocol={eval_protocol!r} is unknown; use half_dev or full_dev")
-    regression = num_labels == 1
-    text_columns = list(text_columns)
-    if path is not None:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise MissingFileError(f"data.path='{path}' is not a folder; point it at a GLUE task folder holding "
-                                   f"{train_file} and {dev_file} (e.g. <glue_data>/SST-2)")
-        train = _read_tsv(folder / train_file, text_columns, label_column, regression=regression, label_names=label_names)
-        dev = _read_tsv(folder / dev_file, text_columns, label_column, regression=regression, label_names=label_names)
-    else:
-        require_hub_dataset(hub_id, override_hint=f"download GLUE once and pass data.path=<glue_data>/{GLUE_FOLDERS.get(task, task)} "
-                                                  f"(a folder with {train_file} and {dev_file})")
-        import datasets
+    spec = glue_task(task)
+    text_columns = list(text_columns or spec.text_columns)
+    label_column = spec.label_column if label_column is None else label_column
+    csv.field_size_limit(sys.maxsize)
+    texts: list[list[str]] = [[] for _ in text_columns]
+    labels: list = []
+    skipped = {"wrong field count": 0, "empty label": 0}
+    first_skipped_line = None
+    parse = _label_parser(spec, path, label_column)
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        columns = list(spec.headerless_columns) if spec.headerless_columns else next(reader, [])
+        text_positions = [_column_position(c, columns, path, "data.text_columns") for c in text_columns]
+        label_position = _column_position(label_column, columns, path, "data.label_column")
+        for row in reader:
+            if not row:  # a blank line
+                continue
+            reason = ("wrong field count" if len(row) != len(columns) else
+                      "empty label" if not row[label_position].strip() else None)
+            if reason:
+                skipped[reason] += 1
+                first_skipped_line = first_skipped_line or reader.line_num
+                continue
+            labels.append(parse(row[label_position].strip(), reader.line_num))
+            for values, position in zip(texts, text_positions):
+                values.append(row[position])
+    total_skipped = sum(skipped.values())
+    if total_skipped:
+        details = ", ".join(f"{reason}: {count}" for reason, count in skipped.items() if count)
+        if total_skipped > MALFORMED_FRACTION_LIMIT * (total_skipped + len(labels)):
+            raise ConfigError(f"{total_skipped} of {total_skipped + len(labels)} rows of '{path}' are malformed "
+                              f"({details}); it is not in the official GLUE {spec.name} layout: point data.path at "
+                              f"{_folder_hint(spec)}")
+        log.warning("GLUE %s %s: skipped %d malformed row(s) of %d (%s; first at line %d)", spec.name, path.name,
+                    total_skipped, total_skipped + len(labels), details, first_skipped_line)
+    examples = TextExamples(texts[0], labels, texts[1] if len(texts) > 1 else None)
+    return examples, {reason: count for reason, count in skipped.items() if count}
 
-        loaded = datasets.load_dataset(hub_id, task)
 
-        def convert(split: str) -> TextExamples:
-            ds = loaded[split]
-            missing = [c for c in [*text_columns, label_column] if c not in ds.column_names]
-            if missing:
-                raise ConfigError(f"column(s) {missing} not in {hub_id}/{task} (columns: {', '.join(ds.column_names)}); "
-                                  "fix data.text_columns / data.label_column")
-            return TextExamples(list(ds[text_columns[0]]), list(ds[label_column]),
-                                list(ds[text_columns[1]]) if len(text_columns) > 1 else None)
-
-        train, dev = convert("train"), convert(hub_validation_split)
-    validation, test = _halve(dev) if eval_protocol == "half_dev" else (dev, dev)
-    names = list(label_names) if label_names else ([] if regression else [str(i) for i in range(num_labels)])
-    if not regression:
-        bad = sorted({y for y in train.labels if not 0 <= y < num_labels})
+def _read_glue_folder(spec: GlueTask, path: str, train_file: str, dev_file: str, text_columns, label_column):
+    folder = Path(path).expanduser()
+    files = [train_file, dev_file, *(file for _, file in spec.extra_dev_files)]
+    if not folder.is_dir():
+        raise MissingFileError(f"data.path='{path}' is not a folder; point it at the official GLUE folder of "
+                               f"{spec.name}: {_folder_hint(spec)}")
+    missing = [file for file in files if not (folder / file).is_file()]
+    if missing:
+        nested = folder / spec.folder
+        hint = (f" (it has a {spec.folder}/ subfolder: set data.path={nested})" if nested.is_dir() else "")
+        raise MissingFileError(f"data.path='{path}' lacks {', '.join(missing)} for GLUE {spec.name}; point it at "
+                               f"{_folder_hint(spec)}{hint}")
+    read, skipped = {}, {}
+    for file in files:
+        read[file], bad = read_glue_tsv(folder / file, spec.name, text_columns=text_columns,
+                                        label_column=label_column)
         if bad:
-            raise ConfigError(f"labels {bad[:5]} fall outside 0..{num_labels - 1}; set data.num_labels correctly")
-    return TextSplits(train, validation, test, label_names=names,
-                      problem_type="regression" if regression else "single_label_classification")
+            skipped[file] = sum(bad.values())
+        official = spec.official_row_counts.get(file)
+        if official is not None and len(read[file]) != official:
+            log.info("GLUE %s %s: %d rows read, the official file has %d (expected for a subset or a fixture)",
+                     spec.name, file, len(read[file]), official)
+    extra = {name: read[file] for name, file in spec.extra_dev_files}
+    return read[train_file], read[dev_file], extra, skipped
+
+
+def _load_glue_hub(spec: GlueTask, hub_id: str, validation_split: str, text_columns, label_column):
+    require_hub_dataset(hub_id, override_hint=f"download GLUE once and pass data.path={_folder_hint(spec)}")
+    import datasets
+
+    loaded = datasets.load_dataset(hub_id, spec.name)
+    text_columns = list(text_columns or spec.hub_text_columns)
+    label_column = label_column or "label"
+
+    def convert(split: str) -> TextExamples:
+        ds = loaded[split]
+        missing = [c for c in [*text_columns, label_column] if c not in ds.column_names]
+        if missing:
+            raise ConfigError(f"column(s) {missing} not in {hub_id}/{spec.name} (columns: {', '.join(ds.column_names)}); "
+                              "fix data.text_columns / data.label_column")
+        names = getattr(ds.features[label_column], "names", None)
+        if names and [str(n) for n in names] != list(spec.label_names):
+            raise ConfigError(f"{hub_id}/{spec.name} labels {list(names)} differ from the task table's "
+                              f"{list(spec.label_names)}; pin the dataset revision or read the official files "
+                              f"(data.path={_folder_hint(spec)})")
+        return TextExamples(list(ds[text_columns[0]]), list(ds[label_column]),
+                            list(ds[text_columns[1]]) if len(text_columns) > 1 else None)
+
+    extra = {name: convert(split) for name, split in spec.hub_extra_splits}
+    return convert("train"), convert(validation_split), extra
+
+
+def half_dev_indices(labels: Sequence, *, stratify: bool, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The two fixed halves of a dev set: ``(selection, report)`` index lists, each in file order.
+
+    A seeded permutation, not the file's first and second half: several GLUE dev files are grouped by source or
+    genre (STS-B lists its genres in blocks), so positional halves would select on one genre and report on
+    another. With ``stratify`` (classification) the permutation is sorted by label before the halves alternate,
+    so both halves keep the class balance (per class they differ by at most one example). The halves depend only
+    on the labels and ``seed``, never on the training seed, so every run, the hub copy and the TSV files of a
+    task all get the same halves. The selection half has ``ceil(n / 2)`` examples.
+    """
+    order = list(range(len(labels)))
+    random.Random(seed).shuffle(order)
+    if stratify:
+        order.sort(key=lambda index: labels[index])  # stable: shuffled within each class
+    return sorted(order[0::2]), sorted(order[1::2])
+
+
+def glue(task: str, path: str | None = None, eval_protocol: str = "half_dev", **overrides) -> TextSplits:
+    """A GLUE task from the official TSV folder (``path``, e.g. ``<glue_data>/MRPC``) or, when ``path`` is
+    null, from the HF hub (``nyu-mll/glue``). Columns, labels and problem type come from the task table
+    (:data:`opdf_exp.data.glue_tasks.GLUE_TASKS`); ``train`` is the whole training file.
+
+    ``eval_protocol``: ``full_dev`` (validation = test = the whole dev set, as most GLUE papers report) or
+    ``half_dev`` (the OPDF paper's: validation = the selection half, test = the report half, see
+    :func:`half_dev_indices`). MNLI's mismatched dev set is a further test set, ``extra_test["test_mismatched"]``,
+    always whole: nothing selects on it, so it needs no held-out half.
+
+    ``overrides`` (all optional, null = the table's): ``text_columns`` and ``label_column`` (names or 0-based
+    indices in the source read), ``num_labels`` and ``label_names`` (must agree with the table),
+    ``train_file`` / ``dev_file`` (local), ``hub_id`` / ``hub_validation_split`` (hub), ``half_dev_seed`` (0).
+    """
+    spec = glue_task(task)
+    unknown = sorted(set(overrides) - set(GLUE_OVERRIDES))
+    if unknown:
+        raise ConfigError(f"unknown GLUE option(s) {unknown}; use some of {', '.join(GLUE_OVERRIDES)}")
+    options = {key: value for key, value in overrides.items() if value is not None}
+    if eval_protocol not in GLUE_PROTOCOLS:
+        raise ConfigError(f"data.eval_protocol={eval_protocol!r} is unknown; use half_dev or full_dev")
+    if "num_labels" in options and int(options["num_labels"]) != spec.num_labels:
+        raise ConfigError(f"data.num_labels={options['num_labels']} but GLUE {spec.name} has {spec.num_labels} "
+                          f"label(s) ({', '.join(spec.label_names) or 'a regression score'}); set "
+                          f"data.num_labels={spec.num_labels}")
+    if "label_names" in options and list(options["label_names"]) != list(spec.label_names):
+        raise ConfigError(f"label_names={list(options['label_names'])} differ from GLUE {spec.name}'s fixed order "
+                          f"{list(spec.label_names)}; drop the override (the order is stored in every model)")
+    text_columns, label_column = options.get("text_columns"), options.get("label_column")
+    text_columns = [text_columns] if isinstance(text_columns, (str, int)) else text_columns
+    skipped: dict[str, int] = {}
+    if path is not None:
+        train, dev, extra, skipped = _read_glue_folder(
+            spec, str(path), options.get("train_file", spec.train_file), options.get("dev_file", spec.dev_file),
+            text_columns, label_column)
+    else:
+        train, dev, extra = _load_glue_hub(spec, options.get("hub_id", GLUE_HUB_ID),
+                                           options.get("hub_validation_split", spec.hub_validation_split),
+                                           text_columns, label_column)
+    if eval_protocol == "half_dev":
+        selection, report = half_dev_indices(dev.labels, stratify=spec.problem_type != REGRESSION,
+                                             seed=int(options.get("half_dev_seed", 0)))
+        validation, test = dev.subset(selection), dev.subset(report)
+    else:
+        validation, test = dev, dev
+    return TextSplits(train, validation, test, label_names=list(spec.label_names), problem_type=spec.problem_type,
+                      extra_test=extra, skipped_rows=skipped)

@@ -63,7 +63,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     ``source`` is a zero-argument callable returning :class:`TextSplits` (a ``functools.partial`` from the config),
     so the raw-data layer stays independent of tokenization. ``limit_train_examples`` caps the training split
-    (for quick runs); evaluation splits are never truncated silently.
+    (for quick runs); evaluation splits are never truncated silently. Extra test sets of the source
+    (``TextSplits.extra_test``) become further test loaders, named by :attr:`test_set_names`.
     """
 
     def __init__(self, source: Callable[[], TextSplits], tokenizer: str, max_length: int = 128,
@@ -93,9 +94,12 @@ class TextClassificationDataModule(pl.LightningDataModule):
             if self.limit_train_examples:
                 splits.train = splits.train.subset(range(min(self.limit_train_examples, len(splits.train))))
             if self.limit_eval_examples:
+                cap = self.limit_eval_examples
                 for name in ("validation", "test"):
                     part = splits.split(name)
-                    setattr(splits, name, part.subset(range(min(self.limit_eval_examples, len(part)))))
+                    setattr(splits, name, part.subset(range(min(cap, len(part)))))
+                splits.extra_test = {name: part.subset(range(min(cap, len(part))))
+                                     for name, part in splits.extra_test.items()}
             self.splits = splits
         return self.splits
 
@@ -113,7 +117,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
             return
         splits = self.load_splits()
         regression = splits.problem_type == "regression"
-        for name in SPLITS:
+        for name in (*SPLITS, *splits.extra_test):
             part = splits.split(name)
             encodings = self.tokenizer(part.text_a, part.text_b, truncation=True, max_length=self.max_length)
             self.datasets[name] = _Encoded(dict(encodings), part.labels, regression)
@@ -160,5 +164,13 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False, self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+    @property
+    def test_set_names(self) -> list[str]:
+        """Names of the test loaders, in order (``test`` first; MNLI adds ``test_mismatched``). The
+        LightningModule logs each loader's metrics under its name."""
+        return list(self.load_splits().test_sets)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader, or one per test set when the task has several (MNLI matched and mismatched)."""
+        loaders = [self._loader(name, False, self.eval_batch_size) for name in self.test_set_names]
+        return loaders[0] if len(loaders) == 1 else loaders

@@ -65,6 +65,9 @@ class DistillationModule(pl.LightningModule):
         metric_names = list(metrics or (["pearson", "spearman"] if problem_type == "regression" else ["acc", "f1"]))
         self.val_metrics = build_metrics(problem_type, num_labels, metric_names).clone(prefix=f"{log_prefix}val/")
         self.test_metrics = build_metrics(problem_type, num_labels, metric_names).clone(prefix=f"{log_prefix}test/")
+        # Further test sets (MNLI's test_mismatched), made when a test run first sees them; metric states are not
+        # persistent, so checkpoints do not depend on which test sets were evaluated.
+        self.extra_test_metrics = nn.ModuleDict()
         self.regression = problem_type == "regression"
         student_paths, teacher_paths = loss.tap_paths()
         self._student_taps = ForwardTaps(student, student_paths) if student_paths else None
@@ -109,7 +112,8 @@ class DistillationModule(pl.LightningModule):
             self.log(f"{self.prefix}train/loss/{name}", value.detach(), batch_size=batch_size)
         return total
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: torchmetrics.MetricCollection, split: str) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: torchmetrics.MetricCollection, split: str,
+                   add_dataloader_idx: bool = True) -> None:
         logits = self(batch).logits
         labels = batch["labels"]
         if self.regression:
@@ -119,7 +123,7 @@ class DistillationModule(pl.LightningModule):
             preds = logits.argmax(-1)
             loss = nn.functional.cross_entropy(logits.float(), labels)
         metrics.update(preds, labels)
-        self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0])
+        self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0], add_dataloader_idx=add_dataloader_idx)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")
@@ -128,12 +132,36 @@ class DistillationModule(pl.LightningModule):
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
 
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, "test")
+    # -- test: one loader per test set; loader k is named by the datamodule's ``test_set_names[k]``
+    def _test_set_name(self, dataloader_idx: int) -> str:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(datamodule, "test_set_names", None) or ["test"])
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"test_{dataloader_idx}"
+
+    def _test_metrics_for(self, name: str) -> torchmetrics.MetricCollection:
+        if name == "test":
+            return self.test_metrics
+        if name not in self.extra_test_metrics:
+            hp = self.hparams
+            names = list(hp.metrics or (["pearson", "spearman"] if self.regression else ["acc", "f1"]))
+            self.extra_test_metrics[name] = build_metrics(hp.problem_type, hp.num_labels, names).clone(
+                prefix=f"{self.prefix}{name}/").to(self.device)
+        return self.extra_test_metrics[name]
+
+    def on_test_epoch_start(self) -> None:
+        self._sets_tested: dict[str, None] = {}  # ordered: the order of the loaders
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        name = self._test_set_name(dataloader_idx)
+        self._sets_tested[name] = None
+        # metric names already say which set: test/acc, test_mismatched/acc (no "/dataloader_idx_k" suffix)
+        self._eval_step(batch, self._test_metrics_for(name), name, add_dataloader_idx=False)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
+        for name in getattr(self, "_sets_tested", None) or ["test"]:
+            metrics = self._test_metrics_for(name)
+            self.log_dict(metrics.compute(), add_dataloader_idx=False)
+            metrics.reset()
 
     # -- optimisation
     def configure_optimizers(self) -> Any:
