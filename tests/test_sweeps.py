@@ -124,6 +124,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         assert two["teacher"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow  # ddp_spawn starts 2 processes per fit, validate and test: about a minute on 2 cores
 def test_ddp_spawn_no_longer_hangs(tmp_path):
     result = run_cli([*SMALL, "trainer=ddp_sim", "trainer.strategy=ddp_spawn", "teacher.finetune.enabled=false",
                       "trainer.max_steps=1", "data.module.limit_train_examples=32", "save_student=false"], tmp_path,

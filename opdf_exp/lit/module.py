@@ -123,13 +123,14 @@ class DistillationModule(pl.LightningModule):
             preds = logits.argmax(-1)
             loss = nn.functional.cross_entropy(logits.float(), labels)
         metrics.update(preds, labels)
-        self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0], add_dataloader_idx=add_dataloader_idx)
+        self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0], add_dataloader_idx=add_dataloader_idx,
+                 sync_dist=True)  # mean over ranks: DDP reports the loss of the whole split
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)  # equal on all ranks already
         self.val_metrics.reset()
 
     # -- test: one loader per test set; loader k is named by the datamodule's ``test_set_names[k]``
@@ -160,7 +161,7 @@ class DistillationModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         for name in getattr(self, "_sets_tested", None) or ["test"]:
             metrics = self._test_metrics_for(name)
-            self.log_dict(metrics.compute(), add_dataloader_idx=False)
+            self.log_dict(metrics.compute(), add_dataloader_idx=False, sync_dist=True)
             metrics.reset()
 
     # -- optimisation
