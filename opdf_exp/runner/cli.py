@@ -14,6 +14,10 @@ from omegaconf import DictConfig
 from opdf_exp.errors import UserError
 from opdf_exp.runner import resolvers
 
+# Registered at import: launcher workers (joblib, submitit) import this module when they unpickle the task
+# function, and compose the job's config there, so ${uid:} and ${cwd:} must resolve without main() running.
+resolvers.register()
+
 CONFIG_MODULE = "opdf_exp.conf"
 CONFIG_NAME = "config"
 EXIT_USAGE = 2
@@ -144,7 +148,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from opdf_exp.runner import optuna_sweeper
+
     resolvers.register()
+    optuna_sweeper.install()  # hparams_search=...: a relaunch continues the stored study
     argv = sys.argv[1:]
     # Lightning's DDP launcher re-runs the job from its saved config (-cp <job>/.hydra -cn config.yaml or
     # --experimental-rerun): that composition was validated when the job started.

@@ -66,7 +66,9 @@ def _save_last(trainer: pl.Trainer) -> None:
     ``ckpt_path=.../last.ckpt`` resumes from the true final step."""
     callback = trainer.checkpoint_callback
     if callback is not None and callback.save_last and callback.dirpath and not trainer.fast_dev_run:
-        trainer.save_checkpoint(os.path.join(callback.dirpath, f"{callback.CHECKPOINT_NAME_LAST}.ckpt"))
+        # weights_only=False *saves* the full training state (optimizer, loops, callbacks) for resuming
+        trainer.save_checkpoint(os.path.join(callback.dirpath, f"{callback.CHECKPOINT_NAME_LAST}.ckpt"),
+                                weights_only=False)
 
 
 def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> None:
@@ -261,9 +263,14 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     if decomposition.kind != "none":
         from opdf_exp.mpo import apply_decomposition
 
+        from opdf_exp.mpo import MPOLinear, MPOEmbedding
+
         started = time.perf_counter()
         apply_decomposition(student, **_decomposition_kwargs(decomposition))
-        log.info("%s: decomposition %s applied in %.2f s", name, decomposition.kind, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        matrices = sum(isinstance(m, (MPOLinear, MPOEmbedding)) for m in student.modules())
+        log.info("%s: decomposition %s applied to %d matrices in %.2f s (%.1f matrices/s)", name, decomposition.kind,
+                 matrices, seconds, matrices / max(seconds, 1e-9))
     loss = build_loss(cfg, student, teacher)
     params = student_params(student, loss)
     log.info("%s: loss = %s; params train=%d inference=%d", name, loss.formula(), params["train"], params["inference"])
