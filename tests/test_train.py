@@ -191,8 +191,9 @@ def test_multirun_two_jobs_in_separate_folders(tmp_path, tiny_overrides):
     assert payloads[0]["overrides"][0] == "seed=1" and payloads[1]["overrides"][0] == "seed=2"
     assert all(p["params"]["train"] > 0 and "val/acc" in p["metrics"] for p in payloads)
     assert (sweep / "multirun.yaml").is_file()
-    summary = json.loads((sweep / "summary.json").read_text())  # written by the aggregation callback
-    assert summary["jobs"] == 2 and summary["rows"][0]["runs"] == 2 and "±" in summary["rows"][0]["test/acc"]
+    summary = json.loads((sweep / "summary.json").read_text())  # written by the end-of-sweep report
+    rows = summary["experiments"][0]["rows"]
+    assert summary["jobs"] == 2 and rows[0]["n"] == 2 and "±" in rows[0]["test/acc"]
 
 
 def test_sweep_over_mpo_order_n_2_to_6(tmp_path, tiny_overrides):

@@ -15,6 +15,7 @@ sweep ends with the same metrics as an uninterrupted one. Only global rank zero 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -77,12 +78,27 @@ def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> 
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    model.save_pretrained(tmp)
+    with _quiet_hf_progress():
+        model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """No "Writing model shards" / "Loading weights" bars from transformers inside a job's log."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -133,11 +149,47 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
     return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
 
 
+def _glue_task_name(cfg: DictConfig) -> str | None:
+    from opdf_exp.data.glue_tasks import glue_task
+
+    try:
+        return glue_task(str(cfg.data.get("name", ""))).name
+    except ConfigError:
+        return None
+
+
+def apply_label_mapping(model: torch.nn.Module, splits) -> None:
+    """Store the task's fixed label order in the model config (``id2label``/``label2id``), so every saved
+    teacher and student says which output is which class."""
+    if splits.problem_type == "regression" or not splits.label_names:
+        return
+    model.config.id2label = dict(splits.id2label)
+    model.config.label2id = dict(splits.label2id)
+
+
+def check_teacher_labels(cfg: DictConfig, teacher: torch.nn.Module, splits) -> None:
+    """A teacher fine-tuned elsewhere must use the task's label order (MNLI's entailment/neutral/contradiction
+    order differs between public checkpoints); refuse it in one line otherwise."""
+    task = _glue_task_name(cfg)
+    if task is not None:
+        from opdf_exp.data.glue_tasks import check_label_mapping
+
+        check_label_mapping(task, teacher.config)
+        return
+    names = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher.config.id2label or {}).items())]
+    expected = [str(v) for _, v in sorted(splits.id2label.items())] if splits.label_names else []
+    generic = all(n.upper().startswith("LABEL_") for n in names)
+    if expected and names and not generic and [n.lower() for n in names] != [n.lower() for n in expected]:
+        raise ConfigError(f"the teacher's id2label {names} differs from the data's labels {expected}; use a teacher "
+                          "fine-tuned with that order, or fine-tune it here (teacher.finetune.enabled=true)")
+
+
 def _load_cached_teacher(cache: Path, cfg: DictConfig):
     from transformers import AutoModelForSequenceClassification
 
     log.info("reusing fine-tuned teacher from %s", cache)
-    teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
+    with _quiet_hf_progress():
+        teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
     saved = json.loads((cache / "teacher.json").read_text())
     return teacher, saved["metrics"], {**saved["info"], "cached": True, "cache_dir": str(cache)}
 
@@ -148,6 +200,10 @@ def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, us
         return _load_cached_teacher(cache, cfg)
     teacher = hydra.utils.instantiate(cfg.teacher.model)
     splits = datamodule.load_splits()
+    if finetune.enabled:
+        apply_label_mapping(teacher, splits)  # a fresh head learns the task's order
+    else:
+        check_teacher_labels(cfg, teacher, splits)  # an already fine-tuned head must already have it
     info: dict[str, Any] = {"params": {"train": 0, "inference": _count(teacher)}, "cached": False}
     freeze_parameters(teacher, finetune.get("freeze"))
     info["params"]["train"] = _count(teacher, trainable_only=True) if finetune.enabled else 0
@@ -165,7 +221,8 @@ def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, us
     teacher = module.student
     if use_cache and is_global_zero():
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-        teacher.save_pretrained(tmp / "model")
+        with _quiet_hf_progress():
+            teacher.save_pretrained(tmp / "model")
         atomic_write_json(tmp / "teacher.json", {"metrics": metrics, "info": info})  # marks the entry done
         if cache.exists():
             shutil.rmtree(cache)
@@ -319,6 +376,11 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     if "name_or_path" in cfg.teacher.model:
         resolve_model_path(cfg.teacher.model.name_or_path, override_key="teacher.model.name_or_path")
     datamodule.tokenizer  # noqa: B018
+    student_builder = cfg.student.model
+    if student_builder.get("_target_") == "opdf_exp.models.pretrained_student":  # before the teacher trains
+        from opdf_exp.models.hf import check_student_vocabulary
+
+        check_student_vocabulary(student_builder.name_or_path, student_builder.get("teacher_tokenizer"))
     plan = variant_plan(cfg, variants)
     if cfg.get("ckpt_path") and len(plan) > 1:
         raise ConfigError("ckpt_path resumes a single student; set task.variants=null or run the variant on its own")
