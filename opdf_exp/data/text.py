@@ -22,6 +22,7 @@ class _Encoded(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = {key: values[index] for key, values in self.encodings.items()}
         item["labels"] = self.labels[index]
+        item["example_index"] = index  # the key of cached teacher outputs (opdf_exp.distill.teacher_cache)
         return item
 
 
@@ -124,9 +125,11 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         labels = torch.stack([item.pop("labels") for item in items])
+        index = torch.tensor([item.pop("example_index") for item in items], dtype=torch.long)
         batch = self.tokenizer.pad(items, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
         batch = dict(batch)
         batch["labels"] = labels
+        batch["example_index"] = index
         return batch
 
     def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:

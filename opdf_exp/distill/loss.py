@@ -56,6 +56,17 @@ class DistillationLoss(nn.Module):
     def needs_hidden_states(self) -> bool:
         return any(term.needs_hidden_states for term in self.active.values())
 
+    @property
+    def teacher_hidden_layers(self) -> tuple[int, ...] | None:
+        """The teacher hidden states the active terms read, or ``None`` when one of them does not say."""
+        layers: set[int] = set()
+        for term in self.active.values():
+            wanted = term.teacher_hidden_layers if term.needs_teacher else ()
+            if wanted is None:
+                return None
+            layers |= set(wanted)
+        return tuple(sorted(layers))
+
     def tap_paths(self) -> tuple[list[str], list[str]]:
         student, teacher = [], []
         for term in self.active.values():

@@ -25,6 +25,12 @@ class LossTerm(nn.Module):
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Size the term from the models; called once before training."""
 
+    @property
+    def teacher_hidden_layers(self) -> tuple[int, ...] | None:
+        """Indices of the teacher hidden states the term reads (so the teacher-output cache stores only those);
+        ``None`` for a term that reads hidden states without saying which (the teacher then runs live)."""
+        return None if self.needs_hidden_states else ()
+
 
 class TaskLoss(LossTerm):
     """Cross-entropy on the labels, or MSE when the head has one output (regression, e.g. STS-B)."""
@@ -147,6 +153,10 @@ class HiddenStateMSE(LossTerm):
         d_student, d_teacher = student.config.hidden_size, teacher.config.hidden_size
         self.projections = nn.ModuleList(
             _projection(d_student, d_teacher, self.projection_spec, "distill.terms.hidden") for _ in pairs)
+
+    @property
+    def teacher_hidden_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({t for _, t in self.pairs}))
 
     def forward(self, ctx) -> torch.Tensor:
         hs, ht = ctx.student.hidden_states, ctx.teacher.hidden_states

@@ -18,7 +18,7 @@ from opdf_exp.distill.taps import ForwardTaps
 from opdf_exp.errors import ConfigError
 from opdf_exp.utils.optim import adamw, with_schedule
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+from opdf_exp.distill.model_io import MODEL_INPUT_KEYS, model_inputs  # noqa: F401  (MODEL_INPUT_KEYS re-exported)
 
 
 def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torchmetrics.MetricCollection:
@@ -50,9 +50,10 @@ class DistillationModule(pl.LightningModule):
                  problem_type: str = "single_label_classification", num_labels: int = 2,
                  metrics: list[str] | None = None, lr: float = 5e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), scheduler: str = "linear",
-                 log_prefix: str = "", compile: bool = False):
+                 log_prefix: str = "", compile: bool = False, teacher_cache=None):
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "loss"])
+        self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache"])
+        self.teacher_cache = teacher_cache  # TeacherOutputCache: training reads the teacher's outputs from disk
         self.student = student
         self.loss = loss
         self.teacher = teacher
@@ -86,7 +87,7 @@ class DistillationModule(pl.LightningModule):
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+        return model_inputs(batch)
 
     def forward(self, batch: dict[str, torch.Tensor], hidden_states: bool = False):
         return self.student(**self.model_inputs(batch), output_hidden_states=hidden_states, return_dict=True)
@@ -95,7 +96,9 @@ class DistillationModule(pl.LightningModule):
         hidden = self.loss.needs_hidden_states
         student_out = self(batch, hidden_states=hidden)
         teacher_out = None
-        if self.loss.needs_teacher:
+        if self.loss.needs_teacher and self.teacher_cache is not None and self.training:
+            teacher_out = self.teacher_cache.lookup(batch, self.device)  # computed once for the whole sweep
+        elif self.loss.needs_teacher:
             with torch.no_grad():
                 teacher_out = self.teacher(**self.model_inputs(batch), output_hidden_states=hidden, return_dict=True)
         return DistillContext(

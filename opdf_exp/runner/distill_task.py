@@ -309,6 +309,67 @@ def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.
                                on_mismatch=align.on_mismatch)
 
 
+DATA_KEYS_WITHOUT_EFFECT = ("batch_size", "eval_batch_size", "num_workers")  # do not change the teacher's outputs
+
+
+def teacher_output_cache(cfg: DictConfig, teacher: torch.nn.Module, loss: DistillationLoss, datamodule):
+    """The teacher's outputs on the training split, computed once per (teacher weights, data, tokenizer, max
+    length, layers) and reused by every student and seed (``distill.teacher_cache``, default on).
+
+    Off (the teacher runs live) when no active term needs the teacher, when a term reads teacher modules through
+    forward hooks or hidden states without naming them, in distributed or fast-dev runs, or when the method
+    trains the teacher. The stored file is checked against the live teacher on its first batches and rebuilt
+    when they differ.
+    """
+    from torch.utils.data import DataLoader
+
+    from opdf_exp.distill.teacher_cache import TeacherOutputCache, build_cache, cache_key, teacher_fingerprint, verify
+
+    if not cfg.distill.get("teacher_cache", True) or not loss.needs_teacher:
+        return None
+    layers = loss.teacher_hidden_layers
+    if loss.tap_paths()[1] or layers is None or cfg.trainer.get("fast_dev_run") or trainer_world_size(cfg.trainer) > 1:
+        log.info("teacher-output cache off for this student (hooks, unnamed hidden states, fast dev run or DDP)")
+        return None
+    datamodule.setup()
+    dataset = datamodule.datasets["train"]
+    fingerprint = getattr(teacher, "_opdf_fingerprint", None)
+    if fingerprint is None:
+        fingerprint = teacher_fingerprint(teacher)
+        teacher._opdf_fingerprint = fingerprint  # one hash per teacher object, shared by the job's variants
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in DATA_KEYS_WITHOUT_EFFECT:
+        data.get("module", {}).pop(key, None)
+    key = cache_key(fingerprint, data, str(datamodule.tokenizer_path), datamodule.max_length, layers)
+    path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{key}.safetensors"
+    loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False, collate_fn=datamodule._collate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock"):
+        cache = TeacherOutputCache.load(path)
+        if cache is not None and (len(cache) != len(dataset) or cache.layers != list(layers)
+                                  or verify(cache, teacher, loader) > 1.0):
+            log.warning("teacher-output cache %s is stale (it differs from the live teacher); rebuilding", path)
+            cache = None
+        if cache is None:
+            def progress(done: int, total: int, seconds: float) -> None:
+                if done == total or done % (20 * datamodule.eval_batch_size) == 0:
+                    log.info("teacher outputs: %d/%d examples (%.0f/s)", done, total, done / max(seconds, 1e-9))
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            original = next(teacher.parameters()).device
+            cache = build_cache(teacher.to(device), loader, len(dataset), layers,
+                                meta={"teacher": fingerprint, "key": key}, progress=progress)
+            teacher.to(original)
+            if is_global_zero():
+                cache.save(path)
+            log.info("teacher outputs cached in %s (%d examples, hidden layers %s)", path, len(cache), list(layers))
+        else:
+            log.info("reusing cached teacher outputs from %s", path)
+    return cache
+
+
 def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: torch.nn.Module, datamodule,
                   loggers: list) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # each variant reproducible on its own
@@ -331,9 +392,11 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     loss = build_loss(cfg, student, teacher)
     params = student_params(student, loss)
     log.info("%s: loss = %s; params train=%d inference=%d", name, loss.formula(), params["train"], params["inference"])
+    cache = teacher_output_cache(cfg, teacher, loss, datamodule)
     module = DistillationModule(student, loss, teacher if loss.needs_teacher else None,
                                 problem_type=splits.problem_type, num_labels=splits.num_labels,
-                                metrics=list(cfg.data.metrics), log_prefix=prefix, **_optim_kwargs(cfg.optim))
+                                metrics=list(cfg.data.metrics), log_prefix=prefix, teacher_cache=cache,
+                                **_optim_kwargs(cfg.optim))
     trainer = build_trainer(cfg, name, prefix, loggers)
     started = time.perf_counter()
     if cfg.get("train", True):
