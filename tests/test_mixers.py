@@ -301,3 +301,25 @@ def test_bad_inputs_raise_one_line_errors():
     with pytest.raises(ConfigError) as info:
         create_mixer("nope", 32, 2)
     assert "\n" not in str(info.value)
+
+
+def test_mixers_import_without_lightning_hydra_transformers_timm():
+    import subprocess
+    code = ("import sys, opdf_exp.mixers; print(sorted(m for m in ('pytorch_lightning', 'lightning', 'hydra', "
+            "'omegaconf', 'transformers', 'timm', 'fla', 'mamba_ssm', 'mlstm_kernels') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_mpo_decomposition_targets_the_projections(name):
+    from opdf_exp.mpo import MPOLinear, apply_decomposition
+    mixer = build(name, {})
+    x = inputs(1, 20)
+    with torch.no_grad():
+        y = mixer(x)
+    apply_decomposition(mixer, kind="mpo", n=3, targets=["*proj"])
+    assert any(isinstance(m, MPOLinear) for m in mixer.modules())
+    with torch.no_grad():
+        assert rel(mixer(x), y) < 1e-4  # lossless MPO: same function
