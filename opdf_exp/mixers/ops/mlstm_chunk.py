@@ -39,8 +39,8 @@ def chunk_mlstm(q, k, v, i, f, *, scale: float, initial_state=None, output_final
         c_state = torch.cat([c0, n0.unsqueeze(-1)], -1).to(q.dtype)
         m_state = m0.to(q.dtype)
     m_starts = [m_state]
-    for j in range(n):  # boundary values of m: a scan over chunks on (B, H)
-        m_starts.append(b_last[:, :, j] + torch.maximum(a_max[:, :, j], m_starts[-1]))
+    for b_j, a_j in zip(b_last.unbind(2), a_max.unbind(2)):  # boundary values of m: a scan over chunks on (B, H)
+        m_starts.append(b_j + torch.maximum(a_j, m_starts[-1]))
     m_start = torch.stack(m_starts[:-1], 2)  # (B, H, N) m entering each chunk
     m_end = torch.stack(m_starts[1:], 2)  # (B, H, N) m at each chunk's last token
     m = b + torch.maximum(a_cummax, m_start.unsqueeze(-1))  # (B, H, N, C) == the recurrent m_t
@@ -52,9 +52,9 @@ def chunk_mlstm(q, k, v, i, f, *, scale: float, initial_state=None, output_final
     upd = k_in.transpose(-1, -2) @ v  # (B, H, N, K, V+1)
     carry = (b_last + m_start - m_end).exp()[..., None, None]  # (B, H, N, 1, 1)
     starts = []
-    for j in range(n):
+    for carry_j, upd_j in zip(carry.unbind(2), upd.unbind(2)):  # unbind: see common.chunk_gated_linear_attention
         starts.append(c_state)
-        c_state = c_state * carry[:, :, j] + upd[:, :, j]
+        c_state = c_state * carry_j + upd_j
     o = o + q_in @ torch.stack(starts, 2)
     num, den = o[..., :vd], o[..., vd]
     out = num / (torch.maximum(den.abs(), (-m).exp()) + eps).unsqueeze(-1)
