@@ -20,6 +20,14 @@ HIDDEN, HEADS = 32, 2
 CASES = [(name, {}) for name in list_mixers() if name != "linear_attention"] + \
     [("linear_attention", {"feature_map": fm}) for fm in ("identity", "elu+1", "hedgehog")]
 IDS = [f"{n}-{o['feature_map']}" if o else n for n, o in CASES]
+# Non-default options (short convs on or off, gates off, groups) through the same oracles.
+VARIANTS = [("linear_attention", {"feature_map": "hedgehog", "conv_size": 4}),
+            ("retnet", {"conv_size": 4, "use_output_gate": False}), ("gla", {"conv_size": 4, "expand_v": 2.0}),
+            ("deltanet", {"conv_size": 0, "use_output_gate": True}), ("gated_deltanet", {"conv_size": 3}),
+            ("mlstm", {"conv_size": 4, "gate_soft_cap": 0.0}), ("metala", {"conv_size": 0, "qk_ratio": 1.0}),
+            ("mamba2", {"n_groups": 1, "d_state": 8})]
+VARIANT_IDS = [n + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for n, o in VARIANTS]
+ALL, ALL_IDS = CASES + VARIANTS, IDS + VARIANT_IDS
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,6 +65,15 @@ def test_registry_has_the_eight():
 @pytest.mark.parametrize("t", [256, 100], ids=["T256", "T100"])
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_chunk_equals_recurrent_with_gradients(name, options, t):
+    _check_chunk_vs_recurrent(name, options, t)
+
+
+@pytest.mark.parametrize("name,options", VARIANTS, ids=VARIANT_IDS)
+def test_chunk_equals_recurrent_with_gradients_variants(name, options):
+    _check_chunk_vs_recurrent(name, options, 100)
+
+
+def _check_chunk_vs_recurrent(name, options, t):
     mixer = build(name, options)
     x = inputs(2 if t == 100 else 1, t)
     y_c, gx_c, gp_c = grads(mixer, x, mixer)
@@ -70,7 +87,7 @@ def test_chunk_equals_recurrent_with_gradients(name, options, t):
         assert rel(gp_c[n], gp_r[n]) < 1e-3, n
 
 
-@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+@pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
 def test_split_with_state_carry_equals_one_pass(name, options):
     mixer = build(name, options)
     x = inputs(2, 160)
@@ -85,7 +102,7 @@ def test_split_with_state_carry_equals_one_pass(name, options):
         assert rel(s2[key], final[key]) < 1e-5, key
 
 
-@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+@pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
 def test_steps_equal_recurrent_forward(name, options):
     mixer = build(name, options)
     x = inputs(2, 20)
@@ -102,8 +119,8 @@ def test_steps_equal_recurrent_forward(name, options):
         assert rel(state[key], s_ref[key]) < 1e-5, key
 
 
-@pytest.mark.parametrize("name,options", CASES + [("metala", {"self_augmentation": False})],
-                         ids=IDS + ["metala-noaug"])
+@pytest.mark.parametrize("name,options", ALL + [("metala", {"self_augmentation": False})],
+                         ids=ALL_IDS + ["metala-noaug"])
 def test_materialized_matrix_times_values_equals_op(name, options):
     mixer = build(name, options)
     x = inputs(2, 70)
@@ -122,7 +139,7 @@ def test_materialized_matrix_times_values_equals_op(name, options):
 
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+@pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
 def test_left_padding_leaves_real_tokens_unchanged(name, options, mode):
     mixer = build(name, options)
     pad, real = 9, 30

@@ -127,10 +127,8 @@ class Mixer(nn.Module):
         return sum(math.prod(s) for s in self.state_shape(batch_size).values())
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> State:
-        state = {k: torch.zeros(s, device=device, dtype=dtype) for k, s in self.state_shape(batch_size).items()}
-        if "m" in state:
-            state["m"].zero_()
-        return state
+        """Zeros everywhere (mLSTM's max state m_0 = 0 too, as in xLSTM)."""
+        return {k: torch.zeros(s, device=device, dtype=dtype) for k, s in self.state_shape(batch_size).items()}
 
     def _run(self, x, attention_mask, initial_state, mode, want_state):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:

@@ -18,8 +18,6 @@ float32 loop over time of :mod:`.naive` (the oracle and the generation step).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from opdf_exp.errors import ConfigError
@@ -166,6 +164,3 @@ def ssd_matrix(dt, A, B, C, x_heads: int) -> torch.Tensor:
     k = B.repeat_interleave(rep, 2) * dt.unsqueeze(-1)
     return gated_matrix(q, k, dt * A, scale=1.0)
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
