@@ -119,6 +119,30 @@ def test_steps_equal_recurrent_forward(name, options):
         assert rel(state[key], s_ref[key]) < 1e-5, key
 
 
+@pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
+def test_chunked_prefill_then_steps_equals_one_pass(name, options):
+    mixer = build(name, options)
+    x = inputs(2, 75)
+    with torch.no_grad():
+        y = mixer(x)
+        _, state = mixer(x[:, :70], output_final_state=True)  # prefill with the chunked kernel
+        steps = []
+        for t in range(70, 75):
+            y_t, state = mixer.step(x[:, t], state)
+            steps.append(y_t)
+    assert rel(torch.stack(steps, 1), y[:, 70:]) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["gla", "delta_rule", "mlstm", "ssd"])
+def test_ops_accept_bfloat16_inputs(op):
+    fn, args, kwargs = _op_cases(40)[op]
+    low = [a.to(torch.bfloat16) for a in args]
+    o32, _ = fn(*(a.float() for a in low))  # the same rounded inputs in float32
+    o16, _ = fn(*low)
+    assert o16.dtype == torch.bfloat16
+    assert rel(o16.float(), o32) < 1e-2  # only the output's bfloat16 rounding
+
+
 @pytest.mark.parametrize("name,options", ALL + [("metala", {"self_augmentation": False})],
                          ids=ALL_IDS + ["metala-noaug"])
 def test_materialized_matrix_times_values_equals_op(name, options):
@@ -286,8 +310,12 @@ def test_cpu_tensors_never_take_a_stubbed_fast_package(monkeypatch):
 
         class FakeCuda:
             is_cuda = True
+            dtype = torch.bfloat16
 
         assert fast.fast_kernel("gla", FakeCuda()) is boom  # a CUDA tensor would take it
+        assert fast.fast_kernel("gated_delta_rule", FakeCuda()) is boom
+        FakeCuda.dtype = torch.float32
+        assert fast.fast_kernel("gated_delta_rule", FakeCuda()) is None  # fla's delta rules reject float32
         assert not calls
     finally:
         fast.clear_cache()

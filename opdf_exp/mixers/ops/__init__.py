@@ -41,10 +41,35 @@ def _setup(mode: str, q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _float32(fn):
+    """Run the torch path in float32 for half-precision inputs (like fla's references) and cast ``o`` back."""
+    def wrapped(*tensors, initial_state=None, **kwargs):
+        dtype = tensors[0].dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            return fn(*tensors, initial_state=initial_state, **kwargs)
+        up = [None if t is None else t.float() for t in tensors]
+        if isinstance(initial_state, tuple):
+            initial_state = tuple(s.float() for s in initial_state)
+        elif initial_state is not None:
+            initial_state = initial_state.float()
+        o, final = fn(*up, initial_state=initial_state, **kwargs)
+        return o.to(dtype), final
+    return wrapped
+
+
+_chunk_gla = _float32(chunk_gated_linear_attention)
+_chunk_delta = _float32(chunk_delta_rule_core)
+_chunk_mlstm = _float32(chunk_mlstm)
+_naive_gla = _float32(naive.recurrent_gated_linear_attention)
+_naive_delta = _float32(naive.recurrent_delta_rule)
+_naive_mlstm = _float32(naive.recurrent_mlstm)
+_naive_ssd = _float32(naive.recurrent_ssd)
+
+
 def _gated(name, q, k, v, g, mode, scale, initial_state, output_final_state, chunk_size):
     scale = _setup(mode, q, scale)
     if mode == "recurrent":
-        return naive.recurrent_gated_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
+        return _naive_gla(q, k, v, g, scale=scale, initial_state=initial_state,
                                                       output_final_state=output_final_state)
     fused = fast_kernel(name, q)
     if fused is not None:
@@ -53,8 +78,8 @@ def _gated(name, q, k, v, g, mode, scale, initial_state, output_final_state, chu
             extra["normalize"] = False
         return fused(q, k, v, **extra, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state)
-    return chunk_gated_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, chunk_size=chunk_size)
+    return _chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                      chunk_size=chunk_size)
 
 
 def linear_attn(q, k, v, *, mode="chunk", scale=None, initial_state=None, output_final_state=False,
@@ -85,9 +110,9 @@ def _delta(name, q, k, v, g, beta, mode, scale, initial_state, output_final_stat
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if mode == "recurrent":
-        return naive.recurrent_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+        return _naive_delta(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                           output_final_state=output_final_state)
-    return chunk_delta_rule_core(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+    return _chunk_delta(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                  output_final_state=output_final_state, chunk_size=chunk_size)
 
 
@@ -113,7 +138,7 @@ def mlstm(q, k, v, i, f, *, mode="chunk", scale=None, initial_state=None, output
     besides the ``[B, H, K, V]`` matrix."""
     scale = _setup(mode, q, scale)
     if mode == "recurrent":
-        return naive.recurrent_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
+        return _naive_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
                                      output_final_state=output_final_state, eps=eps)
     getter = fast_kernel("mlstm", q)
     if getter is not None:
@@ -127,7 +152,7 @@ def mlstm(q, k, v, i, f, *, mode="chunk", scale=None, initial_state=None, output
             h, (c1, n1, m1) = out
             return h.transpose(1, 2), (c1, n1, m1.squeeze(-1))
         return out.transpose(1, 2), None
-    return chunk_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
+    return _chunk_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, eps=eps, chunk_size=chunk_size)
 
 
@@ -143,7 +168,7 @@ def ssd(x, dt, A, B, C, *, mode="chunk", initial_state=None, output_final_state=
     B, C [B,T,G,N]. State [B, H, N, P]. This is simple GLA with q = C, k = dt B, v = x, g = dt A, scale 1."""
     _setup(mode, x, None)
     if mode == "recurrent":
-        return naive.recurrent_ssd(x, dt, A, B, C, initial_state=initial_state,
+        return _naive_ssd(x, dt, A, B, C, initial_state=initial_state,
                                    output_final_state=output_final_state)
     fused = fast_kernel("ssd", x)
     if fused is not None:
@@ -153,8 +178,8 @@ def ssd(x, dt, A, B, C, *, mode="chunk", initial_state=None, output_final_state=
             return out[0], out[1].transpose(-1, -2)
         return out, None
     q, k, g = _ssd_as_gla(x, dt, A, B, C)
-    return chunk_gated_linear_attention(q, k, x, g, scale=1.0, initial_state=initial_state,
-                                        output_final_state=output_final_state, chunk_size=chunk_size)
+    return _chunk_gla(q, k, x, g, scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
+                      chunk_size=chunk_size)
 
 
 def ssd_matrix(dt, A, B, C, x_heads: int) -> torch.Tensor:

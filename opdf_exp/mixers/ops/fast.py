@@ -15,6 +15,8 @@ import importlib
 import os
 from typing import Any, Callable
 
+import torch
+
 _MODULES: dict[str, Any] = {}
 
 # op name -> (module, attribute)
@@ -30,6 +32,11 @@ KERNELS: dict[str, tuple[str, str]] = {
 }
 
 
+# Kernels that reject float32 in some fla releases ("does not support float32"): float32 CUDA tensors keep the
+# torch path for these, half-precision ones take the fused kernel.
+HALF_ONLY = {"delta_rule", "gated_delta_rule"}
+
+
 def _import(module: str):
     if module not in _MODULES:
         try:
@@ -42,6 +49,8 @@ def _import(module: str):
 def fast_kernel(name: str, tensor) -> Callable | None:
     """The fused kernel for op ``name`` if ``tensor`` lives on CUDA and the package imports, else None."""
     if not getattr(tensor, "is_cuda", False) or os.environ.get("OPDF_MIXERS_FAST", "1") == "0":
+        return None
+    if name in HALF_ONLY and getattr(tensor, "dtype", None) not in (torch.float16, torch.bfloat16):
         return None
     module, attr = KERNELS[name]
     mod = _import(module)
