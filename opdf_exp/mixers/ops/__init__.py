@@ -70,7 +70,7 @@ def _gated(name, q, k, v, g, mode, scale, initial_state, output_final_state, chu
     scale = _setup(mode, q, scale)
     if mode == "recurrent":
         return _naive_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                                                      output_final_state=output_final_state)
+                          output_final_state=output_final_state)
     fused = fast_kernel(name, q)
     if fused is not None:
         extra = {} if g is None else {"g": g}
@@ -111,9 +111,9 @@ def _delta(name, q, k, v, g, beta, mode, scale, initial_state, output_final_stat
         q, k = l2norm(q), l2norm(k)
     if mode == "recurrent":
         return _naive_delta(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                          output_final_state=output_final_state)
+                            output_final_state=output_final_state)
     return _chunk_delta(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                 output_final_state=output_final_state, chunk_size=chunk_size)
+                        output_final_state=output_final_state, chunk_size=chunk_size)
 
 
 def delta_rule(q, k, v, beta, *, mode="chunk", scale=None, initial_state=None, output_final_state=False,
@@ -139,7 +139,7 @@ def mlstm(q, k, v, i, f, *, mode="chunk", scale=None, initial_state=None, output
     scale = _setup(mode, q, scale)
     if mode == "recurrent":
         return _naive_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
-                                     output_final_state=output_final_state, eps=eps)
+                            output_final_state=output_final_state, eps=eps)
     getter = fast_kernel("mlstm", q)
     if getter is not None:
         kernel = getter("chunkwise--triton_xl_chunk")
@@ -153,7 +153,7 @@ def mlstm(q, k, v, i, f, *, mode="chunk", scale=None, initial_state=None, output
             return h.transpose(1, 2), (c1, n1, m1.squeeze(-1))
         return out.transpose(1, 2), None
     return _chunk_mlstm(q, k, v, i, f, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, eps=eps, chunk_size=chunk_size)
+                        output_final_state=output_final_state, eps=eps, chunk_size=chunk_size)
 
 
 def _ssd_as_gla(x, dt, A, B, C):
@@ -169,7 +169,7 @@ def ssd(x, dt, A, B, C, *, mode="chunk", initial_state=None, output_final_state=
     _setup(mode, x, None)
     if mode == "recurrent":
         return _naive_ssd(x, dt, A, B, C, initial_state=initial_state,
-                                   output_final_state=output_final_state)
+                          output_final_state=output_final_state)
     fused = fast_kernel("ssd", x)
     if fused is not None:
         init = None if initial_state is None else initial_state.transpose(-1, -2).contiguous()
