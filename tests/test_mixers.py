@@ -263,17 +263,22 @@ def test_ops_chunk_equal_naive_with_state_and_gradients(op, t):
 
     def run(mode):
         leaves = [a.clone().requires_grad_(True) for a in args]
-        o, final = fn(*leaves, mode=mode, output_final_state=True, **kwargs)
+        init = kwargs["initial_state"]
+        init = tuple(s.clone().requires_grad_(True) for s in init) if isinstance(init, tuple) else \
+            (init.clone().requires_grad_(True),)
+        extra = {**kwargs, "initial_state": init if len(init) > 1 else init[0]}
+        o, final = fn(*leaves, mode=mode, output_final_state=True, **extra)
         finals = final if isinstance(final, tuple) else (final,)
         loss = (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() + sum(s.pow(2).mean() for s in finals)
         loss.backward()
-        return o.detach(), [s.detach() for s in finals], [a.grad for a in leaves]
+        return o.detach(), [s.detach() for s in finals], [a.grad for a in [*leaves, *init]]
 
     o_c, f_c, g_c = run("chunk")
     o_r, f_r, g_r = run("recurrent")
     assert rel(o_c, o_r) < 1e-4
     for a, b in zip(f_c, f_r):
         assert rel(a, b) < 1e-4
+    assert len(g_c) == len(args) + (3 if op == "mlstm" else 1)  # inputs and initial state
     for a, b in zip(g_c, g_r):
         assert rel(a, b) < 1e-3
 
