@@ -11,8 +11,9 @@ attention's grows quadratically. For every mixer and for an attention layer of t
 largest T, which mixers beat SDPA.
 
 Method: each model runs in its own subprocess (clean allocator, clean peak RSS). Timings are the minimum over
-``--repeats`` runs after one warm-up (wall clock; the minimum is the least disturbed by other jobs on this shared
-box). Peak memory is the growth of the process's peak RSS over its value after building the model and warming up
+``--repeats`` runs after one warm-up, in process CPU time by default (``--clock wall`` for wall clock): with one
+torch thread the CPU time is the compute time, while wall time on this shared 2-core box doubled at load 8 as other
+jobs took the cores. Peak memory is the growth of the process's peak RSS over its value after building the model and warming up
 at T=64, read after each T in increasing order: an upper bound of the fwd+bwd working set at that T, including
 allocator slack. Default ONE torch thread: with 2 threads on 2 shared cores OpenMP barriers made timings
 meaningless (see bench_mpo.py). The load average is printed: timings under load are inflated.
@@ -67,16 +68,20 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _time(fn, repeats: int) -> float:
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _time(fn, repeats: int, clock: str) -> float:
+    now = CLOCKS[clock]
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, now() - start)
     return best
 
 
-def worker(name: str, lengths: list[int], hidden: int, heads: int, repeats: int, threads: int) -> dict:
+def worker(name: str, lengths: list[int], hidden: int, heads: int, repeats: int, threads: int, clock: str) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Attention(hidden, heads) if name == ATTENTION else create_mixer(name, hidden, heads)
@@ -101,16 +106,17 @@ def worker(name: str, lengths: list[int], hidden: int, heads: int, repeats: int,
         fwd_bwd(x)  # warm-up at this T, and the peak-memory run
         peak = _maxrss_mib() - base
         fwd(x)
-        rows.append({"T": t, "fwd_s": _time(lambda: fwd(x), repeats), "fwd_bwd_s": _time(lambda: fwd_bwd(x), repeats),
+        rows.append({"T": t, "fwd_s": _time(lambda: fwd(x), repeats, clock),
+                     "fwd_bwd_s": _time(lambda: fwd_bwd(x), repeats, clock),
                      "peak_mib": peak,
                      "state_bytes": (model.kv_cache_bytes(t) if name == ATTENTION else model.state_numel(1) * 4)})
     return {"name": name, "rows": rows, "params": sum(p.numel() for p in params)}
 
 
 def run_worker(name, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--hidden", str(args.hidden), "--heads",
-           str(args.heads), "--repeats", str(args.repeats), "--threads", str(args.threads), "--lengths",
-           ",".join(map(str, args.lengths))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--hidden", str(args.hidden),
+           "--heads", str(args.heads), "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--clock", args.clock, "--lengths", ",".join(map(str, args.lengths))]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{out.stderr[-3000:]}")
@@ -136,7 +142,8 @@ def report(results: list[dict], args, command: str, load: str, elapsed: float) -
     lines = [f"# Token mixers vs causal SDPA attention (CPU)", "",
              f"Command: `{command}`", "",
              f"Width {args.hidden}, {args.heads} heads (head_dim {args.hidden // args.heads}), batch 1, float32, "
-             f"{args.threads} torch thread(s), min of {args.repeats} runs after a warm-up; "
+             f"{args.threads} torch thread(s), {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time, min of "
+             f"{args.repeats} runs after a warm-up; "
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, load average before: {load}; "
              f"total {elapsed:.0f} s. Peak = growth of peak RSS during fwd+bwd (upper bound, includes allocator "
              f"slack). Linear growth over {lo}->{hi} is {ideal:.0f}x, quadratic {ideal ** 2:.0f}x.", ""]
@@ -180,13 +187,16 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: process CPU time (robust to other jobs on shared cores; default); wall: wall clock")
     parser.add_argument("--mixers", default=None, help="comma-separated subset of list_mixers()")
     parser.add_argument("--out", default=str(REPO / "experiments/results/bench_mixers.md"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.lengths = ([int(t) for t in args.lengths.split(",")] if args.lengths else (QUICK_T if args.quick else FULL_T))
     if args.worker:
-        print(json.dumps(worker(args.worker, args.lengths, args.hidden, args.heads, args.repeats, args.threads)))
+        print(json.dumps(worker(args.worker, args.lengths, args.hidden, args.heads, args.repeats, args.threads,
+                                args.clock)))
         return
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(
         str(REPO)) else sys.executable, os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])])
