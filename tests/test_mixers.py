@@ -133,6 +133,17 @@ def test_chunked_prefill_then_steps_equals_one_pass(name, options):
     assert rel(torch.stack(steps, 1), y[:, 70:]) < 1e-5
 
 
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_bfloat16_mixer_tracks_float32(name, options):
+    mixer = build(name, options)
+    x = inputs(2, 80)
+    with torch.no_grad():
+        y32 = mixer(x)
+        y16 = mixer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert rel(y16.float(), y32) < 5e-2  # bfloat16 has 8 mantissa bits; MetaLA needed its float32 augmentation
+
+
 @pytest.mark.parametrize("op", ["gla", "delta_rule", "mlstm", "ssd"])
 def test_ops_accept_bfloat16_inputs(op):
     fn, args, kwargs = _op_cases(40)[op]
