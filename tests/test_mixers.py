@@ -62,7 +62,7 @@ def test_registry_has_the_eight():
     assert list(MIXERS) == list_mixers()
 
 
-@pytest.mark.parametrize("t", [256, 100], ids=["T256", "T100"])
+@pytest.mark.parametrize("t", [256, 70], ids=["T256", "T70"])
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_chunk_equals_recurrent_with_gradients(name, options, t):
     _check_chunk_vs_recurrent(name, options, t)
@@ -70,12 +70,12 @@ def test_chunk_equals_recurrent_with_gradients(name, options, t):
 
 @pytest.mark.parametrize("name,options", VARIANTS, ids=VARIANT_IDS)
 def test_chunk_equals_recurrent_with_gradients_variants(name, options):
-    _check_chunk_vs_recurrent(name, options, 100)
+    _check_chunk_vs_recurrent(name, options, 70)
 
 
 def _check_chunk_vs_recurrent(name, options, t):
     mixer = build(name, options)
-    x = inputs(2 if t == 100 else 1, t)
+    x = inputs(2 if t != 256 else 1, t)
     y_c, gx_c, gp_c = grads(mixer, x, mixer)
     y_r, gx_r, gp_r = grads(mixer, x, mixer.recurrent_forward)
     assert y_c.shape == x.shape
@@ -105,7 +105,7 @@ def test_split_with_state_carry_equals_one_pass(name, options):
 @pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
 def test_steps_equal_recurrent_forward(name, options):
     mixer = build(name, options)
-    x = inputs(2, 20)
+    x = inputs(2, 12)
     with torch.no_grad():
         y_ref, s_ref = mixer.recurrent_forward(x, output_final_state=True)
         state, ys = None, []
@@ -177,7 +177,7 @@ def test_materialized_matrix_times_values_equals_op(name, options):
 @pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
 def test_left_padding_leaves_real_tokens_unchanged(name, options, mode):
     mixer = build(name, options)
-    pad, real = 9, 30
+    pad, real = 6, 20
     x = inputs(2, pad + real)
     mask = torch.ones(2, pad + real)
     mask[0, :pad] = 0

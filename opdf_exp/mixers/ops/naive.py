@@ -24,13 +24,16 @@ def recurrent_gated_linear_attention(q, k, v, g=None, *, scale: float, initial_s
     """``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``; ``o_t = scale * S_t^T q_t``. g: None, [B,T,H] or [B,T,H,K]."""
     b, t, h, kd = q.shape
     state = _state(initial_state, b, h, kd, v.shape[-1], q.device)
+    # Per-token views made once (unbind): indexing inside the loop would cost a full-size zero gradient per step.
+    qs, ks, vs = (q.float() * scale).unbind(1), k.float().unbind(1), v.float().unbind(1)  # T x (B, H, D)
+    decay = None if g is None else (g.float().exp().unsqueeze(-1) if g.dim() == 4 else
+                                    g.float().exp()[..., None, None]).unbind(1)  # T x (B, H, K|1, 1)
     outs = []
     for i in range(t):
-        if g is not None:
-            gi = g[:, i].float()
-            state = state * (gi.exp()[..., None, None] if gi.dim() == 2 else gi.exp()[..., None])
-        state = state + k[:, i].float()[..., None] * v[:, i].float()[..., None, :]  # (B, H, K, V)
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i].float() * scale, state))
+        if decay is not None:
+            state = state * decay[i]
+        state = state + ks[i].unsqueeze(-1) * vs[i].unsqueeze(-2)  # (B, H, K, V)
+        outs.append((qs[i].unsqueeze(-1) * state).sum(-2))  # (B, H, V)
     o = torch.stack(outs, 1).to(v.dtype)  # (B, T, H, V)
     return o, (state if output_final_state else None)
 
@@ -39,14 +42,16 @@ def recurrent_delta_rule(q, k, v, beta, g=None, *, scale: float, initial_state=N
     """``S = exp(g_t) S``; ``u = beta_t (v_t - S^T k_t)``; ``S = S + k_t u^T``; ``o_t = scale * S^T q_t``."""
     b, t, h, kd = q.shape
     state = _state(initial_state, b, h, kd, v.shape[-1], q.device)
+    qs, ks, vs = (q.float() * scale).unbind(1), k.float().unbind(1), v.float().unbind(1)
+    betas = beta.float().unsqueeze(-1).unbind(1)  # T x (B, H, 1)
+    decay = None if g is None else g.float().exp()[..., None, None].unbind(1)
     outs = []
     for i in range(t):
-        if g is not None:
-            state = state * g[:, i].float().exp()[..., None, None]
-        ki = k[:, i].float()
-        u = (v[:, i].float() - torch.einsum("bhk,bhkv->bhv", ki, state)) * beta[:, i].float()[..., None]
-        state = state + ki[..., None] * u[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i].float() * scale, state))
+        if decay is not None:
+            state = state * decay[i]
+        u = (vs[i] - (ks[i].unsqueeze(-1) * state).sum(-2)) * betas[i]  # (B, H, V)
+        state = state + ks[i].unsqueeze(-1) * u.unsqueeze(-2)
+        outs.append((qs[i].unsqueeze(-1) * state).sum(-2))
     o = torch.stack(outs, 1).to(v.dtype)
     return o, (state if output_final_state else None)
 
@@ -66,20 +71,19 @@ def recurrent_mlstm(q, k, v, i, f, *, scale: float, initial_state=None, output_f
         m_state = torch.zeros(b, h, dtype=torch.float32, device=q.device)
     else:
         c_state, n_state, m_state = (s.float() for s in initial_state)
-    flog = F.logsigmoid(f.float())
+    flog, ig = F.logsigmoid(f.float()).unbind(1), i.float().unbind(1)  # T x (B, H)
+    qs, ks, vs = (q.float() * scale).unbind(1), k.float().unbind(1), v.float().unbind(1)
     outs = []
     for s in range(t):
-        m_new = torch.maximum(flog[:, s] + m_state, i[:, s].float())  # (B, H)
-        f_act = (flog[:, s] + m_state - m_new).exp()
-        i_act = (i[:, s].float() - m_new).exp()
-        ks = k[:, s].float()
-        c_state = f_act[..., None, None] * c_state + i_act[..., None, None] * ks[..., None] * v[:, s].float()[..., None, :]
-        n_state = f_act[..., None] * n_state + i_act[..., None] * ks
+        m_new = torch.maximum(flog[s] + m_state, ig[s])  # (B, H)
+        f_act = (flog[s] + m_state - m_new).exp().unsqueeze(-1)  # (B, H, 1)
+        i_act = (ig[s] - m_new).exp().unsqueeze(-1)
+        c_state = f_act.unsqueeze(-1) * c_state + (i_act * ks[s]).unsqueeze(-1) * vs[s].unsqueeze(-2)
+        n_state = f_act * n_state + i_act * ks[s]
         m_state = m_new
-        qs = q[:, s].float() * scale
-        num = torch.einsum("bhk,bhkv->bhv", qs, c_state)
-        den = torch.maximum((qs * n_state).sum(-1).abs(), (-m_state).exp()) + eps
-        outs.append(num / den[..., None])
+        num = (qs[s].unsqueeze(-1) * c_state).sum(-2)  # (B, H, V)
+        den = torch.maximum((qs[s] * n_state).sum(-1).abs(), (-m_state).exp()) + eps
+        outs.append(num / den.unsqueeze(-1))
     o = torch.stack(outs, 1).to(v.dtype)
     return o, ((c_state, n_state, m_state) if output_final_state else None)
 
@@ -95,11 +99,12 @@ def recurrent_ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=Fals
     rep = h // B.shape[2]
     Bh, Ch = B.repeat_interleave(rep, 2), C.repeat_interleave(rep, 2)  # (B, T, H, N)
     state = _state(initial_state, b, h, B.shape[-1], p, x.device)
+    decay = (dt.float() * A.float()).exp()[..., None, None].unbind(1)  # T x (B, H, 1, 1)
+    inp = (dt.float().unsqueeze(-1) * Bh.float()).unbind(1)  # T x (B, H, N): dt_t B_t
+    xs, cs = x.float().unbind(1), Ch.float().unbind(1)
     outs = []
     for s in range(t):
-        dts = dt[:, s].float()  # (B, H)
-        state = state * (dts * A.float()).exp()[..., None, None] + \
-            (dts[..., None] * Bh[:, s].float())[..., None] * x[:, s].float()[..., None, :]
-        outs.append(torch.einsum("bhn,bhnp->bhp", Ch[:, s].float(), state))
+        state = state * decay[s] + inp[s].unsqueeze(-1) * xs[s].unsqueeze(-2)  # (B, H, N, P)
+        outs.append((cs[s].unsqueeze(-1) * state).sum(-2))  # (B, H, P)
     y = torch.stack(outs, 1).to(x.dtype)
     return y, (state if output_final_state else None)
