@@ -1,7 +1,8 @@
 """opdf_exp: a Hydra + Lightning experiment framework for knowledge-distillation research.
 
 Layers (each knows nothing of the ones above it):
-  mpo/, geometry/ theory   -- pure torch math
+  mpo/, mixers/, geometry/ theory -- pure torch math (mixers/: the linear-time token mixers of the subquadratic
+                                     students, with their chunked and recurrent kernels)
   models/, data/, distill/ -- models, data and loss terms, no Hydra
   lit/                     -- the LightningModule
   runner/                  -- the only place that reads Hydra configs and composes everything

@@ -1,0 +1,65 @@
+"""Materialised mixing matrices ``M`` (B, H, T, T) with ``o = M v`` per head, for MOHAWK-style matrix alignment.
+
+Why O(T^2) here when the kernels are linear: matrix orientation regresses the student's mixing matrix onto the
+teacher's attention probabilities at training length (T = 512), where a T x T matrix per head is cheap. These are
+written from the closed forms, independently of the chunked kernels, so ``M @ v == op(q, k, v, ...)`` is a test.
+All assume a zero initial state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _tril(t: int, device, diagonal: int = 0) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril(diagonal)
+
+
+def gated_matrix(q, k, g=None, *, scale: float) -> torch.Tensor:
+    """``M_ij = scale * sum_d q_id k_jd exp(G_id - G_jd)`` for ``j <= i``; G the cumulative log decay.
+
+    g None (linear attention), [B,T,H] (scalar) or [B,T,H,K] (per key dim: O(T^2 K) memory, fine at T <= 1k).
+    """
+    qh, kh = (q * scale).transpose(1, 2), k.transpose(1, 2)  # (B, H, T, K)
+    t = q.shape[1]
+    tri = _tril(t, q.device)
+    if g is None:
+        return (qh @ kh.transpose(-1, -2)).masked_fill(~tri, 0.0)
+    cum = g.transpose(1, 2).cumsum(2)  # (B, H, T) or (B, H, T, K)
+    if g.dim() == 3:
+        dec = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~tri, float("-inf")).exp()
+        return (qh @ kh.transpose(-1, -2)) * dec
+    diff = (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(~tri[..., None], float("-inf"))  # (B,H,T,T,K)
+    return torch.einsum("bhik,bhjk,bhijk->bhij", qh, kh, diff.exp())
+
+
+def delta_matrix(q, k, beta, g=None, *, scale: float) -> torch.Tensor:
+    """The delta rule as a matrix mixer: ``M = tril(Q K^T * Gamma) (I + tril_{-1}(diag(beta) K K^T * Gamma))^{-1}
+    diag(beta)``, the WY form over the whole sequence."""
+    qh, kh = (q * scale).transpose(1, 2), k.transpose(1, 2)  # (B, H, T, K)
+    bh = beta.transpose(1, 2)  # (B, H, T)
+    t = q.shape[1]
+    tri = _tril(t, q.device)
+    if g is None:
+        gamma = tri.to(q.dtype)
+    else:
+        cum = g.transpose(1, 2).cumsum(2)
+        gamma = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~tri, float("-inf")).exp()
+    lhs = (bh.unsqueeze(-1) * (kh @ kh.transpose(-1, -2)) * gamma).masked_fill(~_tril(t, q.device, -1), 0.0)
+    lhs = lhs + torch.eye(t, dtype=q.dtype, device=q.device)
+    inv = torch.linalg.solve_triangular(lhs, torch.diag_embed(bh), upper=False, unitriangular=True)
+    return ((qh @ kh.transpose(-1, -2)) * gamma) @ inv
+
+
+def mlstm_matrix(q, k, i, f, *, scale: float, eps: float = 1e-6) -> torch.Tensor:
+    """xLSTM's parallel form: ``D_ij = exp(F_i - F_j + i_j - m_i)``, ``C = (scale Q K^T * D) / (max(|rowsum|,
+    e^{-m}) + eps)``, with ``m_i = max(F_i, max_{j<=i} F_i - F_j + i_j)`` (the recurrent max state from m_0 = 0)."""
+    qh, kh = (q * scale).transpose(1, 2), k.transpose(1, 2)
+    t = q.shape[1]
+    tri = _tril(t, q.device)
+    cum = F.logsigmoid(f.float()).to(q.dtype).transpose(1, 2).cumsum(2)  # (B, H, T)
+    logd = (cum.unsqueeze(-1) - cum.unsqueeze(-2) + i.transpose(1, 2).unsqueeze(-2)).masked_fill(~tri, float("-inf"))
+    m = torch.maximum(logd.max(-1).values, cum)  # (B, H, T)
+    s = (qh @ kh.transpose(-1, -2)) * (logd - m.unsqueeze(-1)).exp()
+    den = torch.maximum(s.sum(-1).abs(), (-m).exp()) + eps
+    return s / den.unsqueeze(-1)
