@@ -122,8 +122,10 @@ def test_geometry_study_logs_to_wandb_through_the_one_trainer_builder(tmp_path, 
     with compose_job(["+experiment=geometric_toy_smoke", "task.train.steps=20", "task.eval.samples=1024",
                       "task.plots=false", "logger=wandb", "print_config=false"], tmp_path) as cfg:
         run_job(cfg)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for expected in (b"toy_teachers/train/loss", b"toy_students/train/loss", b"geometric_toy_smoke", b"pearson_r"):
-        assert expected in record, expected
+    from tests.helpers.wandb_record import read_offline_record
+
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    expected = (b"toy_teachers/train/loss", b"toy_students/train/loss", b"geometric_toy_smoke", b"pearson_r")
+    record = read_offline_record(tmp_path, expected)
+    for item in expected:
+        assert item in record, item

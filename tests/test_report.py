@@ -113,7 +113,8 @@ def test_report_logs_to_wandb_offline(tmp_path, monkeypatch):
     cli = subprocess.run([sys.executable, "-m", "opdf_exp.report", str(tmp_path), "--wandb"], capture_output=True,
                          text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr[-2000:]
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    from tests.helpers.wandb_record import read_offline_record
+
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    record = read_offline_record(tmp_path, (b"report", b"quickstart/summary"))
     assert b"report" in record and b"quickstart/summary" in record
