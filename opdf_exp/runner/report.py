@@ -197,6 +197,8 @@ def _metric_names(jobs: list[Job], wanted: Sequence[str] | None) -> list[str]:
         if unknown and len(unknown) == len(wanted):
             raise UserError(f"--metric {', '.join(unknown)} was not logged by any job; logged: "
                             f"{', '.join(sorted(names)[:15])}")
+        if unknown:
+            print(f"note: --metric {', '.join(unknown)} not logged by any job; left out", file=sys.stderr)
         return [m for m in wanted if m in names]
     return sorted(names)
 
@@ -250,9 +252,10 @@ def _experiment_report(experiment: str, jobs: list[Job], by: Sequence[str] | Non
             row[name] = _fmt(stats.get(name))
         if metric:
             row[f"{metric} 95% CI"] = _fmt_ci(stats.get(metric))
-        if cell["params"].get("train") is not None:
-            row["train params"] = cell["params"].get("train")
-            row["inference params"] = cell["params"].get("inference")
+        train, inference = cell["params"].get("train"), cell["params"].get("inference")
+        if isinstance(train, int) and not isinstance(train, bool):  # parameter counts (not a study's settings)
+            row["train params"] = train
+            row["inference params"] = inference if isinstance(inference, int) else None
         rows.append(row)
     columns = ["setting", "model", "n", *metrics] + ([f"{metric} 95% CI"] if metric else []) + \
         [c for c in ("train params", "inference params") if any(c in r for r in rows)]
