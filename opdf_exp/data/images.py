@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import gzip
 import importlib.util
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from opdf_exp.data.module import ClassificationDataModule
+from opdf_exp.data.sources import stratified_split
 from opdf_exp.errors import ConfigError, MissingFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -70,25 +70,6 @@ class ImageSplits:
 
     def split(self, name: str) -> ImageExamples:
         return getattr(self, name)
-
-
-def _stratified(labels: Sequence[int], fractions: tuple[float, float], seed: int) -> tuple[list, list, list]:
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(index)
-    rng = random.Random(seed)
-    train, val, test = [], [], []
-    for label in sorted(by_class):
-        idx = by_class[label]
-        rng.shuffle(idx)
-        n_val, n_test = round(len(idx) * fractions[0]), round(len(idx) * fractions[1])
-        val += idx[:n_val]
-        test += idx[n_val:n_val + n_test]
-        train += idx[n_val + n_test:]
-    for part in (train, val, test):
-        part.sort()
-        rng.shuffle(part)
-    return train, val, test
 
 
 # ------------------------------------------------------------------------------------------------ image folders
@@ -142,10 +123,10 @@ def image_folder(path: str, train_folder: str = "train", val_folder: str = "val"
     if test_folder:
         test = read(root / test_folder, "test")
     elif val_fraction_of_train > 0:
-        keep, held, _ = _stratified(train.labels, (val_fraction_of_train, 0.0), split_seed)
+        keep, held, _ = stratified_split(train.labels, (val_fraction_of_train, 0.0), split_seed)
         train, val, test = train.subset(keep), train.subset(held), val
     else:
-        selection, report, _ = _stratified(val.labels, (0.5, 0.0), split_seed)
+        selection, report, _ = stratified_split(val.labels, (0.5, 0.0), split_seed)
         val, test = val.subset(selection), val.subset(report)
     return ImageSplits(train, val, test, names)
 
@@ -167,7 +148,7 @@ def mnist_digits(val_fraction: float = 0.15, test_fraction: float = 0.15, split_
     from PIL import Image
 
     full = ImageExamples(lambda i: Image.fromarray(pixels[i], mode="L").convert("RGB"), labels)
-    train, val, test = _stratified(labels, (val_fraction, test_fraction), split_seed)
+    train, val, test = stratified_split(labels, (val_fraction, test_fraction), split_seed)
     return ImageSplits(full.subset(train), full.subset(val), full.subset(test), [str(d) for d in range(10)])
 
 
@@ -194,7 +175,7 @@ def hub_images(hub_id: str, image_column: str = "image", label_column: str = "la
 
     names = loaded[train_split].features[label_column].names
     val = convert(validation_split)
-    selection, report, _ = _stratified(val.labels, (0.5, 0.0), 0)
+    selection, report, _ = stratified_split(val.labels, (0.5, 0.0), 0)
     return ImageSplits(convert(train_split), val.subset(selection), val.subset(report), list(names))
 
 
@@ -242,25 +223,11 @@ class ImageClassificationDataModule(ClassificationDataModule):
                  interpolation: str = "bicubic", crop_pct: float = 0.875, train_augment: bool = True,
                  auto_augment: str | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
                  num_workers: int = 0, limit_train_examples: int | None = None, limit_eval_examples: int | None = None):
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, limit_train_examples, limit_eval_examples)
         self.source = source
         self.data_config = {"input_size": tuple(input_size), "mean": tuple(mean), "std": tuple(std),
                             "interpolation": interpolation, "crop_pct": float(crop_pct)}
         self.train_augment, self.auto_augment = train_augment, auto_augment
-        self.limit_train_examples, self.limit_eval_examples = limit_train_examples, limit_eval_examples
-        self.splits: ImageSplits | None = None
-
-    def load_splits(self) -> ImageSplits:
-        if self.splits is None:
-            splits = self.source()
-            if self.limit_train_examples:
-                splits.train = splits.train.subset(range(min(self.limit_train_examples, len(splits.train))))
-            if self.limit_eval_examples:
-                for name in ("validation", "test"):
-                    part = splits.split(name)
-                    setattr(splits, name, part.subset(range(min(self.limit_eval_examples, len(part)))))
-            self.splits = splits
-        return self.splits
 
     def transforms(self, training: bool):
         from timm.data import create_transform

@@ -47,8 +47,11 @@ class ClassificationDataModule(pl.LightningDataModule):
     ``setup``, implement ``load_splits`` and may override ``_collate``; items are dicts with ``labels`` and
     ``example_index`` (the key of cached teacher outputs)."""
 
-    def __init__(self, batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0):
+    def __init__(self, batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
+                 limit_train_examples: int | None = None, limit_eval_examples: int | None = None):
         super().__init__()
+        self.limit_train_examples, self.limit_eval_examples = limit_train_examples, limit_eval_examples
+        self.splits = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -57,7 +60,22 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._pending_epoch_seed: int | None = None
 
     def load_splits(self):
-        raise NotImplementedError
+        """The source's splits, read once; ``limit_train_examples`` / ``limit_eval_examples`` cap them (quick
+        runs), every evaluation set alike (``extra_test`` included)."""
+        if self.splits is None:
+            splits = self.source()
+            if self.limit_train_examples:
+                splits.train = splits.train.subset(range(min(self.limit_train_examples, len(splits.train))))
+            if self.limit_eval_examples:
+                cap = self.limit_eval_examples
+                for name in ("validation", "test"):
+                    part = splits.split(name)
+                    setattr(splits, name, part.subset(range(min(cap, len(part)))))
+                if getattr(splits, "extra_test", None):
+                    splits.extra_test = {name: part.subset(range(min(cap, len(part))))
+                                         for name, part in splits.extra_test.items()}
+            self.splits = splits
+        return self.splits
 
     def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         return torch.utils.data.default_collate(items)

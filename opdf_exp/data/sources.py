@@ -85,7 +85,7 @@ class TextSplits:
         return getattr(self, name)
 
 
-def _stratified_split(labels: Sequence[int], fractions: tuple[float, float], seed: int) -> tuple[list, list, list]:
+def stratified_split(labels: Sequence[int], fractions: tuple[float, float], seed: int) -> tuple[list, list, list]:
     """Split indices per class so every split keeps the class balance; deterministic for a seed."""
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
@@ -162,7 +162,7 @@ def bbc_news(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed
     articles, names = bbc_articles()
     texts = [a.text[:max_chars] if max_chars else a.text for a in articles]
     labels = [a.label for a in articles]
-    train, val, test = _stratified_split(labels, (val_fraction, test_fraction), split_seed)
+    train, val, test = stratified_split(labels, (val_fraction, test_fraction), split_seed)
     full = TextExamples(texts, labels)
     return TextSplits(full.subset(train), full.subset(val), full.subset(test), label_names=names)
 

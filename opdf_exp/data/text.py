@@ -39,32 +39,13 @@ class TextClassificationDataModule(ClassificationDataModule):
                  batch_size: int = 32, eval_batch_size: int | None = None, num_workers: int = 0,
                  limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
                  pad_to_multiple_of: int | None = 8):
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, limit_train_examples, limit_eval_examples)
         self.source = source
         self.tokenizer_path = tokenizer
         self.max_length = max_length
-        self.limit_train_examples = limit_train_examples
-        self.limit_eval_examples = limit_eval_examples
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.splits: TextSplits | None = None
         self.datasets: dict[str, _Encoded] = {}
         self._tokenizer = None
-
-    # -- metadata the runner needs before setup() (num_labels for the classifier head)
-    def load_splits(self) -> TextSplits:
-        if self.splits is None:
-            splits = self.source()
-            if self.limit_train_examples:
-                splits.train = splits.train.subset(range(min(self.limit_train_examples, len(splits.train))))
-            if self.limit_eval_examples:
-                cap = self.limit_eval_examples
-                for name in ("validation", "test"):
-                    part = splits.split(name)
-                    setattr(splits, name, part.subset(range(min(cap, len(part)))))
-                splits.extra_test = {name: part.subset(range(min(cap, len(part))))
-                                     for name, part in splits.extra_test.items()}
-            self.splits = splits
-        return self.splits
 
     @property
     def tokenizer(self):
