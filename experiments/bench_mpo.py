@@ -185,7 +185,8 @@ def decomposition(quick: bool, tensorly: bool) -> None:
     ours = float(rows[0][2])
     rows.append(["public numpy code, float32 input as it passes it (notes 1.8: 1.2 s per 768x768, 7.0 s per "
                  "3072x768; not re-measured here)", len(weights),
-                 f"{public:.0f} (from notes; {public / ours:.0f}x ours)", "-"])
+                 f"{public:.0f} (from notes: {public / ours:.0f}x ours in this run, {public / 7.7:.0f}x ours on an "
+                 f"idle box, 7.6-7.8 s in docs/mpo.md)", "-"])
     table(f"Decomposition time: all targeted matrices of a {layers}-layer BERT-base-width student, "
           f"factors 768:[32,1,1,1,24], 3072:[64,1,1,1,48] (seconds)",
           ["method", "matrices", "median s", "min s"], rows)
@@ -348,28 +349,32 @@ def breakdown(quick: bool, ratios: dict) -> None:
            "rebuild forward+backward, hand-written backward": hand_backward}
     for variant, make_opt in OPTIMIZERS.items():
         for name, model in (("dense", dense), ("mpo", mpo)):
-            opt = make_opt(model)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(ids).logits, labels).backward()  # gradients in place; step() alone is timed
-            fns[f"optimizer {name} {variant}"] = opt.step
+            opt, step_opt = make_opt(model), make_opt(model)
+
+            def step(model=model, opt=step_opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(ids).logits, labels).backward()
+                opt.step()
+            fns[f"step {name} {variant}"] = step
+            fns[f"optimizer {name} {variant}"] = opt.step  # step() alone, on the gradients of the last step
+    # all in one interleaved loop (the step times too), so that every component sees the same load
     times = interleaved(fns, 3 if quick else 5)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    step = {variant: (statistics.median(info["times"][(n, variant)]) * 1e3,
-                      statistics.median(info["times"][(None, variant)]) * 1e3) for variant in OPTIMIZERS}
-    fwd = med["rebuild forward"]
-    bwd = med["rebuild forward+backward"] - fwd
     rows = []
-    for variant in OPTIMIZERS:
-        m_step, d_step = step[variant]
-        opt_extra = med[f"optimizer mpo {variant}"] - med[f"optimizer dense {variant}"]
-        overhead = m_step - d_step
-        rest = overhead - fwd - bwd - opt_extra
-        rows.append([variant, f"{d_step:.0f}", f"{m_step:.0f}", f"{overhead:.0f} ({overhead / d_step:.2f} of dense)",
-                     f"{fwd:.0f}", f"{bwd:.0f}",
-                     f"{opt_extra:.0f} (dense {med[f'optimizer dense {variant}']:.0f}, "
-                     f"MPO {med[f'optimizer mpo {variant}']:.0f})", f"{rest:.0f}"])
-    table(f"Where the MPO n={n} [a,1,..,1,b] overhead goes at {tokens:,} tokens (median ms; step times from the "
-          f"table above, components timed separately, interleaved, {len(times['rebuild forward'])} repeats)",
+    for stat, reduce in (("median", statistics.median), ("min", min)):
+        t = {k: reduce(v) * 1e3 for k, v in times.items()}
+        fwd = t["rebuild forward"]
+        bwd = t["rebuild forward+backward"] - fwd
+        for variant in OPTIMIZERS:
+            m_step, d_step = t[f"step mpo {variant}"], t[f"step dense {variant}"]
+            opt_extra = t[f"optimizer mpo {variant}"] - t[f"optimizer dense {variant}"]
+            overhead = m_step - d_step
+            rest = overhead - fwd - bwd - opt_extra
+            rows.append([f"{variant} ({stat})", f"{d_step:.0f}", f"{m_step:.0f}",
+                         f"{overhead:.0f} ({overhead / d_step:.2f} of dense)", f"{fwd:.0f}", f"{bwd:.0f}",
+                         f"{opt_extra:.0f} (dense {t[f'optimizer dense {variant}']:.0f}, "
+                         f"MPO {t[f'optimizer mpo {variant}']:.0f})", f"{rest:.0f}"])
+    table(f"Where the MPO n={n} [a,1,..,1,b] overhead goes at {tokens:,} tokens (ms, median and min of "
+          f"{len(times['rebuild forward'])} repeats; steps and components timed in one interleaved loop)",
           ["", "dense step", "MPO step", "MPO overhead", "W rebuild (forward contraction, all layers)",
            "backward through the chain", "optimizer: extra parameters", "rest (noise, other)"], rows)
     lo_h, med_h = ms(times["rebuild forward+backward, hand-written backward"])
@@ -385,6 +390,59 @@ def breakdown(quick: bool, ratios: dict) -> None:
         f"forward whatever the order), against {dense_macs / 1e9:.1f} G for the same matrices' dense matmuls "
         f"(forward + backward) at {tokens:,} tokens: {3 * fwd_macs / dense_macs:.2f}x. Both are sgemm at the same "
         f"speed, so this ratio, not the implementation, sets the overhead of the linear layers.")
+
+
+def contraction_order(quick: bool) -> None:
+    """Rebuilding one weight (forward + backward): our DP plan vs the alternatives, timed interleaved."""
+    rows = []
+    for label, rows_f, cols_f in [("FFN 2048x512, n=5 [a,1,1,1,b]", ends(2048, 5), ends(512, 5)),
+                                  ("FFN 2048x512, n=5 balanced", [8, 4, 4, 4, 4], [4, 4, 4, 4, 2]),
+                                  ("attention 512x512, n=5 [a,1,1,1,b]", ends(512, 5), ends(512, 5))]:
+        w = torch.randn(math.prod(rows_f), math.prod(cols_f)) * 0.02
+        tensors = [t.requires_grad_() for t in mpo_decompose(w, rows_f, cols_f)]
+        n = len(tensors)
+        perm = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
+        plan = contraction_plan(tuple(t.shape[0] for t in tensors) + (1,),
+                                tuple(i * j for i, j in zip(rows_f, cols_f)))
+
+        def as_matrix(chain):
+            return chain.reshape([d for k in range(n) for d in (rows_f[k], cols_f[k])]).permute(perm).reshape(w.shape)
+
+        def planned():
+            mpo_contract(tensors).sum().backward()
+
+        def hand_written():
+            PlanBackward.apply(plan, rows_f, cols_f, *tensors).sum().backward()
+
+        def left_to_right():
+            out = tensors[0].reshape(-1, tensors[0].shape[-1])
+            for t in tensors[1:]:
+                out = (out @ t.reshape(t.shape[0], -1)).reshape(-1, t.shape[-1])
+            as_matrix(out).sum().backward()  # same (I x J) output as the others
+
+        def multi_dot():  # [a,1,..,1,b] only: the cores are a plain matrix chain; torch picks the order
+            mats = [tensors[0].reshape(-1, tensors[0].shape[-1])] + [t.reshape(t.shape[0], -1) for t in tensors[1:]]
+            as_matrix(torch.linalg.multi_dot(mats)).sum().backward()
+
+        def with_tensorly():
+            import tensorly as tl
+
+            with tl.backend_context("pytorch", local_threadsafe=True):
+                tl.tt_matrix_to_tensor(tensors).reshape(w.shape).sum().backward()
+
+        fns = {"planned": planned, "hand": hand_written, "ltr": left_to_right, "tensorly": with_tensorly}
+        chain = all(r * c == 1 for r, c in zip(rows_f[1:-1], cols_f[1:-1]))
+        if chain:
+            fns["multi_dot"] = multi_dot
+        times = interleaved(fns, 3 if quick else 7)
+        cell = {k: "{:.1f} / {:.1f}".format(*ms(v)) for k, v in times.items()}
+        rows.append([label, cell["planned"], cell["hand"], cell.get("multi_dot", "-"), cell["ltr"], cell["tensorly"],
+                     f"{statistics.median(times['ltr']) / statistics.median(times['planned']):.2f}x"])
+    table("Rebuilding W (forward + backward) per matrix: contraction order and backward (min / median ms, "
+          "interleaved)",
+          ["matrix", "DP plan, autograd (ours)", "DP plan, hand-written backward (not adopted)",
+           "torch.linalg.multi_dot chain", "left to right", "tensorly tt_matrix_to_tensor",
+           "left-to-right / ours (median)"], rows)
 
 
 # ------------------------------------------------------------------------------------------------ 4. export
