@@ -3,11 +3,12 @@
     .venv/bin/python experiments/bench_mpo.py            # full (~15 min on the 2-core dev box under load)
     .venv/bin/python experiments/bench_mpo.py --quick    # smaller shapes and fewer repeats (~2 min)
 
-Everything is seeded. Timings are wall clock; every comparison runs its variants side by side in one process,
-interleaved (variant A, B, C, then A, B, C again, ...), and reports min and median over the repeats, because the dev
-box has 2 cores shared with other jobs. Default: ONE torch thread; with 2 threads, OpenMP barriers under
-oversubscription made every op several times slower and the timings meaningless. ``--threads 2`` measures that
-anyway. The load average is printed because timings taken under load are inflated and noisier.
+Everything is seeded. Timings are this process's CPU time (``--clock wall`` for wall clock; use wall with
+``--threads`` > 1). Every comparison runs its variants side by side in one process, interleaved (variant A, B, C,
+then A, B, C again, ...), and reports min and median over the repeats, because the dev box has 2 cores shared with
+other jobs. Default: ONE torch thread; with 2 threads, OpenMP barriers under oversubscription made every op several
+times slower and the timings meaningless. ``--threads 2`` measures that anyway. The load average is printed because
+timings taken under load are inflated and noisier, even in CPU time (shared caches and memory bandwidth).
 
 The printed report is also written, atomically, to experiments/results/bench_mpo.md (bench_mpo_quick.md with
 --quick; --out to change).
@@ -41,6 +42,10 @@ from opdf_exp.utils.optim import adamw  # noqa: E402
 
 OPDF = {768: [32, 1, 1, 1, 24], 3072: [64, 1, 1, 1, 48]}
 REPORT = io.StringIO()  # everything printed, for experiments/results/bench_mpo.md
+# Timings use this process's CPU time by default (--clock wall for wall time). With one torch thread that equals
+# wall time on an idle core, but it does not count the time the scheduler gives to other jobs: on the shared 2-core
+# box (load average 6-10 while this was written) wall-clock medians swung by 2x between neighbouring repeats.
+CLOCK = time.process_time
 
 
 def say(text: str = "") -> None:
@@ -63,9 +68,9 @@ def timeit(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times), min(times)
 
 
@@ -85,9 +90,9 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[floa
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK() - start)
     return times
 
 
@@ -482,6 +487,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--no-tensorly", action="store_true", help="skip the (slow) tensorly comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: this process's CPU time (default, robust to other jobs on a shared box); wall")
     parser.add_argument("--out", default=None, help="report file (default experiments/results/bench_mpo.md, "
                                                     "bench_mpo_quick.md with --quick)")
     args = parser.parse_args()
@@ -489,12 +496,15 @@ def main() -> None:
                                            ("bench_mpo_quick.md" if args.quick else "bench_mpo.md"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     command = " ".join([".venv/bin/python", "experiments/bench_mpo.py", *sys.argv[1:]])
     say(f"# bench_mpo {'--quick' if args.quick else '(full)'}\n")
     say(f"Command: `{command}` (from the repository root)\n")
     say(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f} at start, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; timings: "
+        f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'} (see CLOCK in the script)")
     start = time.perf_counter()
     reconstruction(args.quick)
     decomposition(args.quick, tensorly=not args.no_tensorly)
