@@ -1,6 +1,7 @@
 """Shared training utilities (optimizer, learning-rate schedule, thread cap), against hand-computed values."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -44,3 +45,21 @@ def test_torch_threads_caps_and_restores():
     assert torch.get_num_threads() == before
     with torch_threads(None), torch_threads(before + 4):  # no cap / a cap above the current setting: unchanged
         assert torch.get_num_threads() == before
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_loop_up_to_rounding():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+    twin = copy.deepcopy(model)
+    fused = adamw([model], lr=1e-2, weight_decay=0.1)
+    loop = adamw([twin], lr=1e-2, weight_decay=0.1, fused=False)
+    assert all(g["fused"] for g in fused.param_groups) and not any(g["fused"] for g in loop.param_groups)
+    x = torch.randn(8, 6)
+    for _ in range(5):
+        for net, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert adamw([torch.nn.Linear(2, 2).to(torch.float64)], lr=1e-3).param_groups[0]["fused"]

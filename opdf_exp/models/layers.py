@@ -12,6 +12,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from opdf_exp.errors import ConfigError
+from opdf_exp.utils.layer_map import uniform_layer_map as shared_uniform_layer_map
 
 # Searched in order; the first attribute path that exists and is a ModuleList wins.
 LAYER_STACK_PATHS = (
@@ -43,11 +44,10 @@ def uniform_layer_map(num_student: int, num_teacher: int) -> list[int]:
     """Teacher layer for each student layer, spread uniformly and ending at the teacher's last layer.
 
     Student layer ``i`` maps to teacher layer ``round((i + 1) * T / S) - 1``: 6 of 12 gives 1, 3, 5, 7, 9, 11
-    (the OPDF code's ``2i + 1``); 3 of 6 gives 1, 3, 5.
+    (the OPDF code's ``2i + 1``); 3 of 6 gives 1, 3, 5. The rule lives in :mod:`opdf_exp.utils.layer_map`.
     """
-    if not 1 <= num_student <= num_teacher:
-        raise ConfigError(f"student.num_layers={num_student} must be between 1 and the teacher's {num_teacher} layers")
-    return [round((i + 1) * num_teacher / num_student) - 1 for i in range(num_student)]
+    return shared_uniform_layer_map(num_student, num_teacher, error=f"student.num_layers={num_student} must be "
+                                    f"between 1 and the teacher's {num_teacher} layers")
 
 
 def resolve_student_layers(num_teacher: int, num_layers: int | None = None,

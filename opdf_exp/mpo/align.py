@@ -24,6 +24,7 @@ from opdf_exp.errors import ConfigError
 from opdf_exp.mpo.decompose import mpo_decompose
 from opdf_exp.mpo.layers import MPO_LAYER_TYPES
 from opdf_exp.mpo.surgery import mpo_layers
+from opdf_exp.utils.layer_map import uniform_layer_map
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,12 @@ def split_layer_name(name: str) -> tuple[str, int, str] | None:
 def uniform_map(num_student: int, num_teacher: int) -> dict[int, int]:
     """Student block i -> teacher block round((i + 1) * T / S) - 1: spread uniformly, last maps to last.
 
-    6 -> 12 gives 1, 3, 5, 7, 9, 11 (the public code's 2i + 1); equal depths give the identity. Same rule as
-    :func:`opdf_exp.models.layers.uniform_layer_map` (duplicated here because mpo/ must not import models/).
+    6 -> 12 gives 1, 3, 5, 7, 9, 11 (the public code's 2i + 1); equal depths give the identity. The rule itself is
+    :func:`opdf_exp.utils.layer_map.uniform_layer_map`, shared with the student builder in ``models/``.
     """
-    if not 1 <= num_student <= num_teacher:
-        raise ConfigError(f"the student has {num_student} blocks but the teacher only {num_teacher}; pass an explicit "
-                          f"layer_map {{student_block: teacher_block}}")
-    return {i: round((i + 1) * num_teacher / num_student) - 1 for i in range(num_student)}
+    error = (f"the student has {num_student} blocks but the teacher only {num_teacher}; pass an explicit "
+             f"layer_map {{student_block: teacher_block}}")
+    return dict(enumerate(uniform_layer_map(num_student, num_teacher, error=error)))
 
 
 def _stack_depths(model: nn.Module) -> dict[str, int]:

@@ -72,14 +72,26 @@ def check_factors(shape: tuple[int, int], row_factors: Sequence[int],
     if len(rows) != len(cols):
         raise ConfigError(f"row factors {rows} and column factors {cols} have different lengths ({len(rows)} vs "
                           f"{len(cols)}); give both dimensions the same number of factors n (pad with 1s)")
-    for name, facs, dim in (("row", rows, shape[0]), ("column", cols, shape[1])):
-        if math.prod(facs) != dim:
-            raise ConfigError(f"{name} factors {facs} multiply to {math.prod(facs)} but the dimension is {dim}; pass "
-                              f"factors whose product is {dim} or set n={len(facs)} to choose them automatically")
+    check_product(rows, shape[0], "row factors")
+    check_product(cols, shape[1], "column factors")
     return rows, cols
 
 
-def _check_max_bond(max_bond) -> int | None:
+def check_product(factors: Sequence[int], dim: int, what: str = "factors") -> None:
+    """Raise a ConfigError naming the fix unless ``factors`` multiply to ``dim`` (one message for every caller)."""
+    if math.prod(factors) != dim:
+        raise ConfigError(f"{what} {list(factors)} multiply to {math.prod(factors)} but the dimension is {dim}; pass "
+                          f"factors whose product is {dim} or set n={len(factors)} to choose them automatically")
+
+
+def check_gauge(gauge) -> None:
+    """Raise a ConfigError unless ``gauge`` is one of :data:`GAUGES`."""
+    if gauge not in GAUGES:
+        raise ConfigError(f"gauge={gauge!r} is unknown; use 'symmetric' or None (left-canonical)")
+
+
+def check_max_bond(max_bond) -> int | None:
+    """``max_bond`` as an int (None: lossless); a ConfigError for anything but a positive integer."""
     if max_bond is None:
         return None
     if isinstance(max_bond, bool) or int(max_bond) != max_bond or int(max_bond) < 1:
@@ -93,7 +105,7 @@ def mpo_ranks(row_factors: Sequence[int], col_factors: Sequence[int], max_bond: 
     The uncapped value is the largest rank an exact decomposition can need (the rank of the bond-k unfolding is at
     most the smaller side), so max_bond=None is lossless.
     """
-    max_bond = _check_max_bond(max_bond)
+    max_bond = check_max_bond(max_bond)
     dims = [int(i) * int(j) for i, j in zip(row_factors, col_factors)]
     total = math.prod(dims)
     ranks, left = [1], 1
@@ -269,8 +281,7 @@ def mpo_decompose(weight: torch.Tensor, row_factors: Sequence[int], col_factors:
     if weight.dim() != 2:
         raise ConfigError(f"mpo_decompose needs a 2-D matrix, got shape {tuple(weight.shape)}")
     rows, cols = check_factors(tuple(weight.shape), row_factors, col_factors)
-    if gauge not in GAUGES:
-        raise ConfigError(f"gauge={gauge!r} is unknown; use 'symmetric' or None (left-canonical)")
+    check_gauge(gauge)
     if backend not in ("torch", "tensorly"):
         raise ConfigError(f"backend={backend!r} is unknown; use 'torch' or 'tensorly'")
     ranks = mpo_ranks(rows, cols, max_bond)
@@ -368,11 +379,23 @@ def mpo_contract(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                           f"dimension must equal the next one's first, and the ends must be 1")
     rows = [t.shape[1] for t in tensors]
     cols = [t.shape[2] for t in tensors]
-    n = len(tensors)
     plan = contraction_plan(tuple(ranks), tuple(i * j for i, j in zip(rows, cols)))
+    return contract_with_plan(plan, tensors, rows, cols)
+
+
+def contract_with_plan(plan, tensors: Sequence[torch.Tensor], row_factors: Sequence[int],
+                       col_factors: Sequence[int]) -> torch.Tensor:
+    """The (prod i_k) x (prod j_k) matrix of already-validated tensors, contracted in the order of ``plan``.
+
+    Shared by :func:`mpo_contract` and the MPO layers (which compute their plan once). Plain autograd does the
+    backward: each merge's two gradient matmuls cost what its forward matmul costs, so the forward's cheapest order is
+    also the cheapest order for forward + backward (a hand-written backward with the same plan was measured and gave
+    nothing, see docs/mpo.md).
+    """
+    n = len(tensors)
     full = _run_plan(plan, tensors)  # (1, i_1 j_1 i_2 j_2 ... i_n j_n, 1)
     if n == 1:
-        return full.reshape(rows[0], cols[0])
-    full = full.reshape([d for k in range(n) for d in (rows[k], cols[k])])
-    perm = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
-    return full.permute(perm).reshape(math.prod(rows), math.prod(cols))
+        return full.reshape(row_factors[0], col_factors[0])
+    full = full.reshape([d for k in range(n) for d in (row_factors[k], col_factors[k])])
+    perm = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))  # (i_1, j_1, ..., i_n, j_n) -> (i_1..i_n, j_1..j_n)
+    return full.permute(perm).reshape(math.prod(row_factors), math.prod(col_factors))

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from opdf_exp.errors import ConfigError
-from opdf_exp.mpo.decompose import _run_plan, check_factors, contraction_plan, mpo_decompose
+from opdf_exp.mpo.decompose import contract_with_plan, contraction_plan, mpo_decompose
 
 
 class _MPOBase(nn.Module):
@@ -75,14 +75,7 @@ class _MPOBase(nn.Module):
     # -- weight -----------------------------------------------------------------------------------------------
     def to_matrix(self) -> torch.Tensor:
         """The dense (rows x cols) weight, differentiable w.r.t. the local tensors."""
-        tensors = list(self.tensors)
-        n = len(tensors)
-        full = _run_plan(self._plan, tensors)
-        if n == 1:
-            return full.reshape(self.row_factors[0], self.col_factors[0])
-        full = full.reshape([d for k in range(n) for d in (self.row_factors[k], self.col_factors[k])])
-        perm = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
-        return full.permute(perm).reshape(math.prod(self.row_factors), math.prod(self.col_factors))
+        return contract_with_plan(self._plan, list(self.tensors), self.row_factors, self.col_factors)
 
     def _dense_weight(self) -> torch.Tensor:
         """The contracted weight for export: no graph, and no autocast (a bf16 rebuild would be lossy)."""
@@ -132,9 +125,8 @@ class MPOLinear(_MPOBase):
                     max_bond: int | None = None, gauge: str | None = "symmetric", *, train_central: bool = True,
                     train_aux: bool = True, svd: str = "auto") -> "MPOLinear":
         """Decompose ``linear.weight`` (same dtype and device); the bias Parameter is shared, not copied."""
-        rows, cols = check_factors(tuple(linear.weight.shape), row_factors, col_factors)
-        tensors = mpo_decompose(linear.weight, rows, cols, max_bond=max_bond, gauge=gauge, svd=svd)
-        return cls(tensors, rows, cols, linear.bias, max_bond=max_bond, gauge=gauge, train_central=train_central,
+        tensors = mpo_decompose(linear.weight, row_factors, col_factors, max_bond=max_bond, gauge=gauge, svd=svd)
+        return cls(tensors, row_factors, col_factors, linear.bias, max_bond=max_bond, gauge=gauge, train_central=train_central,
                    train_aux=train_aux)
 
     @property
@@ -183,9 +175,8 @@ class MPOEmbedding(_MPOBase):
         if embedding.max_norm is not None or embedding.sparse:
             raise ConfigError("an nn.Embedding with max_norm or sparse=True cannot be an MPO (both rewrite or "
                               "sparsify the table itself); remove it from the decomposition targets")
-        rows, cols = check_factors(tuple(embedding.weight.shape), row_factors, col_factors)
-        tensors = mpo_decompose(embedding.weight, rows, cols, max_bond=max_bond, gauge=gauge, svd=svd)
-        return cls(tensors, rows, cols, padding_idx=embedding.padding_idx,
+        tensors = mpo_decompose(embedding.weight, row_factors, col_factors, max_bond=max_bond, gauge=gauge, svd=svd)
+        return cls(tensors, row_factors, col_factors, padding_idx=embedding.padding_idx,
                    scale_grad_by_freq=embedding.scale_grad_by_freq, max_bond=max_bond, gauge=gauge,
                    train_central=train_central, train_aux=train_aux)
 

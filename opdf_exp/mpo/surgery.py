@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch.nn as nn
 
 from opdf_exp.errors import ConfigError
-from opdf_exp.mpo.decompose import _check_max_bond, check_factors, mpo_num_params, mpo_ranks
+from opdf_exp.mpo.decompose import (check_factors, check_gauge, check_max_bond, check_product, mpo_num_params,
+                                    mpo_ranks)
 from opdf_exp.mpo.layers import MPO_LAYER_TYPES, MPOEmbedding, MPOLinear, iter_mpo_layers
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,7 @@ def _normalize_factors(factors: Mapping | None, n: int | None) -> dict[int, list
             raise ConfigError(f"factors[{dim}]={facs!r} must contain integers") from None
         if not facs or any(f < 1 for f in facs):
             raise ConfigError(f"factors[{dim}]={facs} must be positive integers")
-        if math.prod(facs) != dim:
-            raise ConfigError(f"factors {facs} multiply to {math.prod(facs)} but the dimension is {dim}; pass factors "
-                              f"whose product is {dim} or set n={len(facs)} to choose them automatically")
+        check_product(facs, dim)
         if len(facs) < 2:
             raise ConfigError(f"factors[{dim}]={facs} has one entry; an MPO needs n >= 2 local tensors")
         if n is not None and len(facs) != n:
@@ -228,7 +227,7 @@ def plan_decomposition(model: nn.Module, targets: Sequence[str] | str | None = N
         if isinstance(n, bool) or int(n) != n or int(n) < 2:
             raise ConfigError(f"n={n!r} must be an integer >= 2 (the number of local tensors; 2 is the SVD case)")
         n = int(n)
-    max_bond = _check_max_bond(max_bond)
+    max_bond = check_max_bond(max_bond)
     if layout not in _LAYOUTS:
         raise ConfigError(f"layout={layout!r} is unknown; use one of {', '.join(_LAYOUTS)}")
     table = _normalize_factors(factors, n)
@@ -279,8 +278,7 @@ def overparameterize(model: nn.Module, targets: Sequence[str] | str | None = Non
     Everything is validated before the first module is replaced, so a ConfigError leaves the model untouched.
     Each MPO layer reproduces its original weight (lossless unless ``max_bond`` truncates); biases are shared.
     """
-    if gauge not in ("symmetric", "left", None):
-        raise ConfigError(f"gauge={gauge!r} is unknown; use 'symmetric' or None (left-canonical)")
+    check_gauge(gauge)
     plan = plan_decomposition(model, targets=targets, factors=factors, n=n, max_bond=max_bond, layout=layout)
     start = time.perf_counter()
     for entry in plan:

@@ -13,16 +13,30 @@ from opdf_exp.errors import ConfigError
 SCHEDULES = ("linear", "cosine", "constant", "tail_linear")
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def adamw(modules: Iterable[nn.Module], lr: float, weight_decay: float = 0.0,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``modules``; biases and norm weights (< 2 dims) get no decay."""
+          betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``modules``; biases and norm weights (< 2 dims) get no decay.
+
+    ``fused=None`` (default) uses torch's fused kernel when every parameter is a floating-point CPU tensor, and
+    torch's own default (foreach on CUDA) otherwise. Why: on CPU torch defaults to a per-tensor loop of about ten
+    elementwise passes per parameter; the fused kernel makes one. Measured side by side on the 2-core dev box
+    (1 thread): 24 vs 202 ms per step for a 28.8M-parameter BERT, 30 vs 225 ms for its 41.4M-parameter MPO student
+    (``experiments/bench_mpo.py``). The result equals the loop's up to rounding (about 1 ulp per step), not bitwise.
+    """
     decay, no_decay = [], []
     for module in modules:
         for param in module.parameters():
             if param.requires_grad:
                 (no_decay if param.dim() < 2 else decay).append(param)
+    if fused is None:
+        params = decay + no_decay
+        fused = bool(params) and all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas),
+                             fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
