@@ -8,7 +8,8 @@ PyTorch, and the runner asks every method the same questions, so a new method pl
 
 - :meth:`DistillMethod.check`: refuse bad input in one line before any training;
 - :meth:`DistillMethod.training_model`: the module that runs the training forward (default: the student);
-- :attr:`DistillMethod.trains_teacher`: whether the teacher is a trainable copy (LGTM).
+- :attr:`DistillMethod.trains_teacher` / :attr:`DistillMethod.decompose_teacher`: whether the teacher is a trainable
+  copy (LGTM), and whether ``decomposition=svd|mpo`` over-parameterizes it too.
 
 ``distill.method`` in the config holds a method's keyword arguments; ``distill.module`` may name the
 LightningModule that runs it (LGTM's custom step). No Lightning or Hydra here (layering rule).
@@ -54,7 +55,8 @@ class DistillMethod:
     """A method that is just its loss terms: the student trains on their weighted sum (Hinton KD, PKD ...)."""
 
     name = "loss"
-    trains_teacher = False
+    trains_teacher = False     # the teacher is a trainable copy (LGTM)
+    decompose_teacher = False  # with decomposition=svd|mpo, over-parameterize that copy too
 
     def check(self, *, student: nn.Module, teacher: nn.Module, problem_type: str) -> None:
         """Refuse input the method cannot train (a layer map that does not fit the two depths ...)."""

@@ -126,6 +126,11 @@ class DistillationModule(pl.LightningModule):
         batch_size = batch["labels"].shape[0]
         self._start_training_forward(batch_size)
         total, terms = self.loss(self._context(batch))
+        if not total.requires_grad:
+            # No trainable parameter took part (a Theseus step that drew only teacher blocks): Lightning skips the
+            # backward for None, the step still counts, so the curriculum and the budget advance as drawn.
+            self.log(f"{self.prefix}train/loss", total, prog_bar=True, batch_size=batch_size)
+            return None
         self.log(f"{self.prefix}train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
             self.log(f"{self.prefix}train/loss/{name}", value.detach(), batch_size=batch_size)
