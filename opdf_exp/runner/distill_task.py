@@ -200,6 +200,8 @@ def variant_plan(cfg: DictConfig, variants: Mapping | None) -> list[tuple[str, s
     base = job_overrides()
     plan = []
     for name, spec in variants.items():
+        if spec is None:  # an experiment drops a default variant with task.variants.<name>: null
+            continue
         extra = list(spec.get("overrides", []) or [])
         try:
             variant_cfg = compose(config_name=config_name, overrides=base + extra)
