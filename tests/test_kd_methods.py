@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from types import SimpleNamespace
 
 from opdf_exp.distill.lgtm import adamw_lookahead, distillation_influence, teacher_objective
 from opdf_exp.distill.methods import create_method, list_methods
