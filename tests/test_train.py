@@ -38,7 +38,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess
 
 @pytest.mark.parametrize("name", DISTILL_EXPERIMENTS)
 def test_fast_dev_run_every_experiment(name, tmp_path, tiny_overrides):
-    extra = [f"data.path={tiny_glue(tmp_path / 'SST-2')}", "student.model.num_layers=2"] if name == "bert_glue" else []
+    glue = name in ("bert_glue", "sst2_cpu_repro")  # GLUE experiments read a tiny local SST-2, not the hub
+    extra = [f"data.path={tiny_glue(tmp_path / 'SST-2')}", "student.model.num_layers=2"] if glue else []
     with compose_job([f"+experiment={name}", *tiny_overrides, "debug=fdr", *extra], tmp_path) as cfg:
         result = run_task(cfg)
     payload = json.loads((tmp_path / "results.json").read_text())

@@ -19,6 +19,7 @@ from opdf_exp.errors import ConfigError
 class LossTerm(nn.Module):
     needs_teacher = False
     needs_hidden_states = False
+    classification_only = False  # True: refused on a regression task (one output) before training
     student_paths: list[str] = []
     teacher_paths: list[str] = []
 
@@ -48,18 +49,24 @@ class LogitKL(LossTerm):
 
     ``t2_scaling`` multiplies by T^2 so the soft-target gradients keep their size as T grows (Hinton's choice;
     the LGTM/OPDF code omits it). With a single logit (regression) softmax is constant and KL is identically zero
-    (the LGTM STS-B bug), so this term falls back to MSE between the logits and warns once.
+    (the LGTM STS-B bug), so this term falls back to MSE between the logits and warns once; with
+    ``regression_fallback=false`` it is classification-only and a regression task refuses it before training.
     """
 
     needs_teacher = True
 
-    def __init__(self, temperature: float = 1.0, t2_scaling: bool = True):
+    def __init__(self, temperature: float = 1.0, t2_scaling: bool = True, regression_fallback: bool = True):
         super().__init__()
         if not temperature > 0:
-            raise ConfigError(f"distill.terms.kd.temperature={temperature} must be > 0")
+            raise ConfigError(f"temperature={temperature} must be > 0")
         self.temperature = float(temperature)
         self.t2_scaling = bool(t2_scaling)
+        self.regression_fallback = bool(regression_fallback)
         self._warned = False
+
+    @property
+    def classification_only(self) -> bool:
+        return not self.regression_fallback
 
     def forward(self, ctx) -> torch.Tensor:
         student, teacher = ctx.student.logits, ctx.teacher.logits
@@ -163,6 +170,75 @@ class HiddenStateMSE(LossTerm):
         losses = [_masked_mse(proj(hs[s]), ht[t], ctx.attention_mask)
                   for (s, t), proj in zip(self.pairs, self.projections)]
         return torch.stack(losses).mean()
+
+
+def patient_layer_map(num_student: int, num_teacher: int, strategy: str = "skip") -> list[tuple[int, int]]:
+    """PKD's pairs of hidden-state indices ``(student, teacher)`` (index i = output of block i, 1-based).
+
+    Patient-KD distils the student's M - 1 intermediate blocks (its last block is covered by the logit KD):
+    ``skip`` pairs student block j with teacher block j·N/M (12 → 6: teacher 2, 4, 6, 8, 10), ``last`` with
+    teacher block N - M + j (12 → 6: 7, 8, 9, 10, 11).
+    """
+    if strategy not in ("skip", "last"):
+        raise ConfigError(f"PKD strategy={strategy!r} is unknown; use skip, last or an explicit layer_map")
+    if num_student < 2 or num_student > num_teacher:
+        raise ConfigError(f"PKD needs a student of 2..{num_teacher} blocks for a {num_teacher}-block teacher (it "
+                          f"distils the student's intermediate blocks), got {num_student}; change student.num_layers")
+    if strategy == "skip" and num_teacher % num_student:
+        raise ConfigError(f"PKD strategy=skip needs the teacher's {num_teacher} blocks to be a multiple of the "
+                          f"student's {num_student}; use strategy=last or an explicit layer_map [[student, teacher], ...]")
+    if strategy == "skip":
+        return [(j, j * num_teacher // num_student) for j in range(1, num_student)]
+    return [(j, num_teacher - num_student + j) for j in range(1, num_student)]
+
+
+class PatientCLSMSE(LossTerm):
+    """Patient-KD's L_PT (Sun et al. 2019, "Patient Knowledge Distillation for BERT Model Compression").
+
+    The squared distance between the L2-normalised [CLS] (first-token) hidden states of mapped blocks, summed over
+    the mapped blocks and averaged over examples. Normalising makes the term about direction only, so the
+    student is not pushed to match the teacher's activation scale. ``strategy`` picks the paper's PKD-Skip or
+    PKD-Last map; ``layer_map`` (``[[student, teacher], ...]``, block indices 1..M and 1..N) overrides it.
+    Student and teacher widths must be equal (the paper distils a shallower copy of the teacher).
+    """
+
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, strategy: str = "skip", layer_map: Sequence[Sequence[int]] | None = None):
+        super().__init__()
+        self.strategy = str(strategy)
+        self.layer_map_spec = layer_map
+        self.pairs: list[tuple[int, int]] = []
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        from opdf_exp.models.layers import find_layer_stack
+
+        if teacher is None:
+            raise ConfigError("the PKD term needs a teacher")
+        n_student, n_teacher = len(find_layer_stack(student)[1]), len(find_layer_stack(teacher)[1])
+        if self.layer_map_spec is None:
+            self.pairs = patient_layer_map(n_student, n_teacher, self.strategy)
+        else:
+            self.pairs = [(int(s), int(t)) for s, t in self.layer_map_spec]
+            bad = [[s, t] for s, t in self.pairs if not (1 <= s <= n_student and 1 <= t <= n_teacher)]
+            if bad or not self.pairs:
+                raise ConfigError(f"PKD layer_map {bad or '[]'} does not fit a {n_student}-block student and a "
+                                  f"{n_teacher}-block teacher; give pairs [student 1..{n_student}, teacher "
+                                  f"1..{n_teacher}] or layer_map=null with strategy=skip|last")
+        d_student, d_teacher = student.config.hidden_size, teacher.config.hidden_size
+        if d_student != d_teacher:
+            raise ConfigError(f"PKD compares [CLS] states of equal width; student {d_student} != teacher {d_teacher}: "
+                              "use distill=kd_hidden (it learns a projection) for students of another width")
+
+    def forward(self, ctx) -> torch.Tensor:
+        hs, ht = ctx.student.hidden_states, ctx.teacher.hidden_states
+        losses = []
+        for s, t in self.pairs:
+            cls_s = F.normalize(hs[s][:, 0].float(), dim=-1)  # (B, d): the first token's state, unit length
+            cls_t = F.normalize(ht[t][:, 0].float(), dim=-1)
+            losses.append(((cls_s - cls_t) ** 2).sum(-1).mean())
+        return torch.stack(losses).sum()
 
 
 class ModuleOutputMSE(LossTerm):

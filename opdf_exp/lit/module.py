@@ -3,6 +3,12 @@
 Fine-tuning is distillation with no teacher and only the task term, so both stages share this class, its
 metrics and its logging. The teacher is frozen (eval mode, no grad) and its weights are left out of
 checkpoints: it is rebuilt by the runner and re-inserted on load, so checkpoints stay student-sized.
+
+A KD method may train through another module than the student (``train_model``: BERT-of-Theseus's mixed
+predecessor/successor model, whose successor *is* the student). It runs the training forward only; validation,
+test and export always use the student alone. Like the teacher it is rebuilt by the runner, so it is left out of
+checkpoints too. If it has ``set_step(step)``, it is told the global step before each training forward
+(curricula such as Theseus's p(t) depend on it, so a resumed run continues the same schedule).
 """
 from __future__ import annotations
 
@@ -50,13 +56,15 @@ class DistillationModule(pl.LightningModule):
                  problem_type: str = "single_label_classification", num_labels: int = 2,
                  metrics: list[str] | None = None, lr: float = 5e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), scheduler: str = "linear",
-                 log_prefix: str = "", compile: bool = False, teacher_cache=None):
+                 log_prefix: str = "", compile: bool = False, teacher_cache=None,
+                 train_model: nn.Module | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache"])
+        self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache", "train_model"])
         self.teacher_cache = teacher_cache  # TeacherOutputCache: training reads the teacher's outputs from disk
         self.student = student
         self.loss = loss
         self.teacher = teacher
+        self.train_model = train_model
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -94,7 +102,10 @@ class DistillationModule(pl.LightningModule):
 
     def _context(self, batch: dict[str, torch.Tensor]) -> DistillContext:
         hidden = self.loss.needs_hidden_states
-        student_out = self(batch, hidden_states=hidden)
+        if self.training and self.train_model is not None:
+            student_out = self.train_model(**self.model_inputs(batch), output_hidden_states=hidden, return_dict=True)
+        else:
+            student_out = self(batch, hidden_states=hidden)
         teacher_out = None
         if self.loss.needs_teacher and self.teacher_cache is not None and self.training:
             teacher_out = self.teacher_cache.lookup(batch, self.device)  # computed once for the whole sweep
@@ -107,9 +118,23 @@ class DistillationModule(pl.LightningModule):
             student_features=dict(self._student_taps.outputs) if self._student_taps else {},
             teacher_features=dict(self._teacher_taps.outputs) if self._teacher_taps else {})
 
+    def _start_training_forward(self, batch_size: int) -> None:
+        set_step = getattr(self.train_model, "set_step", None)
+        if set_step is not None:
+            set_step(self.global_step)
+            probability = getattr(self.train_model, "probability", None)
+            if probability is not None:
+                self.log(f"{self.prefix}train/replace_p", float(probability), batch_size=batch_size)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        total, terms = self.loss(self._context(batch))
         batch_size = batch["labels"].shape[0]
+        self._start_training_forward(batch_size)
+        total, terms = self.loss(self._context(batch))
+        if not total.requires_grad:
+            # No trainable parameter took part (a Theseus step that drew only teacher blocks): Lightning skips the
+            # backward for None, the step still counts, so the curriculum and the budget advance as drawn.
+            self.log(f"{self.prefix}train/loss", total, prog_bar=True, batch_size=batch_size)
+            return None
         self.log(f"{self.prefix}train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
             self.log(f"{self.prefix}train/loss/{name}", value.detach(), batch_size=batch_size)
@@ -174,10 +199,18 @@ class DistillationModule(pl.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler)
 
-    # -- checkpoints hold the student (and loss projections), never the frozen teacher
+    # -- checkpoints hold the student (and loss projections), never the frozen teacher nor the training model
+    rebuilt_by_runner = ("teacher", "train_model")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.split(".", 1)[0] not in self.rebuilt_by_runner}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        # Live values fill the keys left out; the training model's aliases of student parameters are loaded after
+        # the student's own keys (module order), from the same storage, so they end up with the checkpoint's values.
+        for name in self.rebuilt_by_runner:
+            module = getattr(self, name, None)
+            if module is not None:
+                checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in module.state_dict().items()
+                                                 if f"{name}.{k}" not in checkpoint["state_dict"]})

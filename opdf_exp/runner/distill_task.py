@@ -32,7 +32,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from opdf_exp.data.glue_tasks import check_problem_type
 from opdf_exp.distill.loss import DistillationLoss
+from opdf_exp.distill.methods import DistillMethod, create_method
 from opdf_exp.distill.terms import TaskLoss, TensorAlignment
 from opdf_exp.errors import ConfigError
 from opdf_exp.hub import resolve_model_path
@@ -257,6 +259,8 @@ def variant_plan(cfg: DictConfig, variants: Mapping | None) -> list[tuple[str, s
     base = job_overrides()
     plan = []
     for name, spec in variants.items():
+        if spec is None:  # an experiment drops a default variant with task.variants.<name>: null
+            continue
         extra = list(spec.get("overrides", []) or [])
         try:
             variant_cfg = compose(config_name=config_name, overrides=base + extra)
@@ -266,14 +270,22 @@ def variant_plan(cfg: DictConfig, variants: Mapping | None) -> list[tuple[str, s
     return plan
 
 
-def build_loss(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> DistillationLoss:
+def build_loss(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+               problem_type: str = "single_label_classification") -> DistillationLoss:
     """Instantiate every ``distill.terms`` entry (popping its ``weight``), plus OPDF's tensor alignment when the
-    decomposition asks for it; then let each term size itself from the models."""
+    decomposition asks for it; then let each term size itself from the models. A classification-only term on a
+    regression task is refused here, before training."""
     terms, weights = {}, {}
     for name, entry in (cfg.distill.terms or {}).items():
         entry = OmegaConf.to_container(entry, resolve=True)
         weights[name] = float(entry.pop("weight", 1.0))
-        terms[name] = hydra.utils.instantiate(entry)
+        try:
+            terms[name] = hydra.utils.instantiate(entry)
+        except Exception as error:  # a term's own ConfigError arrives wrapped by Hydra: keep its one line
+            cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
+            raise ConfigError(f"distill.terms.{name}: {' '.join(str(cause).split())}") from None
+        if weights[name] > 0:
+            check_problem_type(problem_type, terms[name].classification_only, term=f"distill.terms.{name}")
     align = cfg.decomposition.get("align")
     if cfg.decomposition.kind != "none" and align and float(align.weight) > 0:
         terms["align"] = TensorAlignment(_tensor_alignment(cfg, student, teacher))
@@ -370,18 +382,36 @@ def teacher_output_cache(cfg: DictConfig, teacher: torch.nn.Module, loss: Distil
     return cache
 
 
+def distill_method(cfg: DictConfig) -> DistillMethod:
+    """The KD method named by ``distill.name`` with the options in ``distill.method`` (see
+    :mod:`opdf_exp.distill.methods`)."""
+    options = cfg.distill.get("method")
+    return create_method(str(cfg.distill.get("name", "kd")),
+                         **(OmegaConf.to_container(options, resolve=True) if options else {}))
+
+
+def _lightning_module_class(cfg: DictConfig) -> type:
+    """``distill.module`` names the LightningModule of methods with their own training step (LGTM)."""
+    target = cfg.distill.get("module")
+    return hydra.utils.get_class(target) if target else DistillationModule
+
+
 def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: torch.nn.Module, datamodule,
                   loggers: list) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # each variant reproducible on its own
     splits = datamodule.load_splits()
+    method = distill_method(cfg)
     build = hydra.utils.instantiate(cfg.student.model)
     student = build(teacher=teacher)
     freeze_parameters(student, cfg.student.get("freeze"))
+    method.check(student=student, teacher=teacher, problem_type=splits.problem_type)
     decomposition = cfg.decomposition
+    if method.trains_teacher:  # a trainable copy: the job's teacher stays as fine-tuned for the other variants
+        teacher = copy.deepcopy(teacher)
+        teacher.requires_grad_(True)
+        freeze_parameters(teacher, cfg.teacher.finetune.get("freeze"))
     if decomposition.kind != "none":
-        from opdf_exp.mpo import apply_decomposition
-
-        from opdf_exp.mpo import MPOLinear, MPOEmbedding
+        from opdf_exp.mpo import MPOEmbedding, MPOLinear, apply_decomposition
 
         started = time.perf_counter()
         apply_decomposition(student, **_decomposition_kwargs(decomposition))
@@ -389,15 +419,28 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
         matrices = sum(isinstance(m, (MPOLinear, MPOEmbedding)) for m in student.modules())
         log.info("%s: decomposition %s applied to %d matrices in %.2f s (%.1f matrices/s)", name, decomposition.kind,
                  matrices, seconds, matrices / max(seconds, 1e-9))
-    loss = build_loss(cfg, student, teacher)
+    loss = build_loss(cfg, student, teacher, splits.problem_type)  # OPDF aligns against the teacher as fine-tuned
+    if method.trains_teacher and method.decompose_teacher and decomposition.kind != "none":
+        apply_decomposition(teacher, **_decomposition_kwargs(decomposition))
+    train_model = method.training_model(student, teacher, seed=int(cfg.seed))
     params = student_params(student, loss)
-    log.info("%s: loss = %s; params train=%d inference=%d", name, loss.formula(), params["train"], params["inference"])
-    cache = teacher_output_cache(cfg, teacher, loss, datamodule)
-    module = DistillationModule(student, loss, teacher if loss.needs_teacher else None,
-                                problem_type=splits.problem_type, num_labels=splits.num_labels,
-                                metrics=list(cfg.data.metrics), log_prefix=prefix, teacher_cache=cache,
-                                **_optim_kwargs(cfg.optim))
-    trainer = build_trainer(cfg, name, prefix, loggers)
+    if method.trains_teacher:
+        params["train"] += _count(teacher, trainable_only=True)
+    log.info("%s: method %s, loss = %s; params train=%d inference=%d", name, method.name, loss.formula(),
+             params["train"], params["inference"])
+    # A teacher that trains (LGTM) changes its outputs every step: nothing to cache then.
+    cache = None if method.trains_teacher else teacher_output_cache(cfg, teacher, loss, datamodule)
+    module_class = _lightning_module_class(cfg)
+    module = module_class(student, loss, teacher if loss.needs_teacher or method.trains_teacher else None,
+                          problem_type=splits.problem_type, num_labels=splits.num_labels,
+                          metrics=list(cfg.data.metrics), log_prefix=prefix, train_model=train_model,
+                          teacher_cache=cache, **method.module_options(), **_optim_kwargs(cfg.optim))
+    # A manual-optimization step (LGTM) clips its own gradients; Lightning refuses gradient_clip_val for it.
+    stage_overrides = None
+    if not module.automatic_optimization:
+        module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
+        stage_overrides = {"gradient_clip_val": None}
+    trainer = build_trainer(cfg, name, prefix, loggers, stage_overrides)
     started = time.perf_counter()
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer, cfg.get("ckpt_path")))
@@ -406,7 +449,8 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     epochs = int(trainer.current_epoch)  # with DDP each step takes world_size batches: epochs go faster
     _save_last(trainer)
     metrics = _evaluate(trainer, module, datamodule)
-    row: dict[str, Any] = {"name": name, "label": label, "loss": loss.formula(), "params": params,
+    row: dict[str, Any] = {"name": name, "label": label, "method": method.name, "decomposition": decomposition.kind,
+                           "loss": loss.formula(), "params": params,
                            "steps": steps, "epochs": epochs, "world_size": int(trainer.world_size),
                            "train_time_s": round(train_time, 1),
                            "metrics": metrics}

@@ -11,6 +11,11 @@ callback (``conf/hydra/default.yaml``) calls the same code, so there is one aggr
 
 Jobs of different experiments (``task_name``) in one directory are reported separately, one section each (the
 report says so): their metrics and settings are not comparable.
+
+GLUE jobs (``data=glue/<task>``) also get the OPDF paper's layout: one table per task and a GLUE table, each row a
+KD method × decomposition (mean ± std over seeds of the task score, train and inference parameters), and the
+paired differences of "+SVD" and "+OPDF" against the same method alone over shared seeds. A task's score and the
+GLUE average follow :mod:`opdf_exp.data.glue_tasks` (MNLI = mean of matched and mismatched; WNLI left out).
 """
 from __future__ import annotations
 
@@ -332,6 +337,148 @@ def _paired_rows(paired: list[dict]) -> list[dict]:
              "B > A in": f"{sum(v > 0 for v in p['values'])}/{p['n']}"} for p in paired]
 
 
+# ------------------------------------------------------------------------------------------------ GLUE
+DECOMPOSITION_LABELS = {"none": "alone", "svd": "+SVD", "mpo": "+OPDF"}
+
+
+def _glue_task_of(job: Job) -> str | None:
+    """The GLUE task of a job (``data=glue/<task>``, else its saved config's data group), or None."""
+    from opdf_exp.data.glue_tasks import GLUE_TASKS
+
+    for override in job.overrides:
+        if _key(override) == "data":
+            value = _value(override)
+            return value.split("/", 1)[1] if value.startswith("glue/") and value.split("/", 1)[1] in GLUE_TASKS else None
+    if _job_config_value(job, "data.module.source._target_").endswith("data.glue"):
+        name = _job_config_value(job, "data.name")
+        return name if name in GLUE_TASKS else None
+    return None
+
+
+def _glue_entries(job: Job, task: str) -> list[tuple[str, str, float, dict, dict]]:
+    """``[(method, decomposition, task score, metrics, params)]`` of a job's teacher and students."""
+    from opdf_exp.data.glue_tasks import task_score
+    from opdf_exp.errors import ConfigError
+
+    result = job.payload
+    parts = ([("teacher", "-", "teacher/", result["teacher"])] if result.get("teacher") else [])
+    for variant in result.get("variants", []):
+        method = variant.get("method") or _job_config_value(job, "distill.name")
+        decomposition = variant.get("decomposition") or _job_config_value(job, "decomposition.kind")
+        prefix = f"{variant['name']}/"
+        parts.append((method, decomposition, prefix, variant))
+    entries = []
+    for method, decomposition, prefix, part in parts:
+        metrics = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in part.get("metrics", {}).items()}
+        try:
+            score = task_score(task, metrics)
+        except ConfigError:  # a job that did not log the task's metrics (an old or partial result)
+            continue
+        entries.append((method, decomposition, score, metrics, part.get("params", {})))
+    return entries
+
+
+def glue_tables(jobs: list[Job]) -> dict | None:
+    """Per-task and GLUE-average tables over GLUE jobs; None when no job is a GLUE job."""
+    from opdf_exp.data.glue_tasks import GLUE_AVERAGE_EXCLUDES, glue_average, glue_task
+
+    # scores[(method, decomposition)][task][seed] = score; one value per seed (a shared teacher counts once)
+    scores: dict[tuple[str, str], dict[str, dict[Any, float]]] = {}
+    metric_values: dict[tuple[str, str, str], dict[str, dict[Any, float]]] = {}
+    params: dict[tuple[str, str, str], dict] = {}
+    for job in sorted(jobs, key=lambda j: str(j.folder)):
+        task = _glue_task_of(job)
+        if task is None:
+            continue
+        seed = job.seed if job.seed is not None else str(job.folder)
+        for method, decomposition, score, metrics, part_params in _glue_entries(job, task):
+            row = (method, decomposition)
+            scores.setdefault(row, {}).setdefault(task, {}).setdefault(seed, score)
+            per_metric = metric_values.setdefault((*row, task), {})
+            for name in glue_task(task).metrics:
+                per_metric.setdefault(name, {}).setdefault(seed, float(metrics[f"test/{name}"]))
+            params.setdefault((*row, task), part_params)
+    if not scores:
+        return None
+    tasks = sorted({task for per_task in scores.values() for task in per_task})
+    order = sorted(scores, key=lambda r: (r[0] != "teacher", r[0], list(DECOMPOSITION_LABELS).index(r[1])
+                                          if r[1] in DECOMPOSITION_LABELS else -1))
+
+    def label(row: tuple[str, str]) -> str:
+        return row[0] if row[0] == "teacher" else f"{row[0]} {DECOMPOSITION_LABELS.get(row[1], row[1])}"
+
+    def pct(values: dict[Any, float]) -> dict:
+        return describe([100.0 * v for v in values.values()])
+
+    per_task = {}
+    for task in tasks:
+        rows = []
+        for row in order:
+            if task not in scores[row]:
+                continue
+            out = {"model": label(row), "n": len(scores[row][task]), "score": _fmt(pct(scores[row][task]), 2)}
+            for name, values in metric_values[(*row, task)].items():
+                out[f"test {name}"] = _fmt(pct(values), 2)
+            out["train params"] = params[(*row, task)].get("train")
+            out["inference params"] = params[(*row, task)].get("inference")
+            rows.append(out)
+        per_task[task] = {"rows": rows, "paired": _glue_paired({r: v[task] for r, v in scores.items() if task in v})}
+    # GLUE average per seed, for rows that ran every averaged task of the sweep with that seed (an average over
+    # another set of tasks would not be comparable, so such rows get none)
+    averaged = [t for t in tasks if t not in GLUE_AVERAGE_EXCLUDES]
+    averages: dict[tuple[str, str], dict[Any, float]] = {}
+    for row in order:
+        complete = averaged and all(t in scores[row] for t in averaged)
+        seeds = set.intersection(*(set(scores[row][t]) for t in averaged)) if complete else set()
+        averages[row] = {seed: glue_average({t: scores[row][t][seed] for t in averaged})
+                         for seed in sorted(seeds, key=str)}
+    average_rows = []
+    for row in order:
+        out: dict[str, Any] = {"model": label(row)}
+        for task in tasks:
+            out[task] = _fmt(pct(scores[row][task]), 2) if task in scores[row] else None
+        out["GLUE avg"] = _fmt(pct(averages[row]), 2) if averages[row] else None
+        out["n seeds"] = len(averages[row])
+        average_rows.append(out)
+    return {"tasks": per_task, "average": {"rows": average_rows, "paired": _glue_paired(averages),
+                                           "tasks_averaged": averaged}}
+
+
+def _glue_paired(values: dict[tuple[str, str], dict[Any, float]]) -> list[dict]:
+    """+SVD and +OPDF minus the same method alone, in score points, over the seeds both ran."""
+    out = []
+    for (method, decomposition), with_decomposition in values.items():
+        alone = values.get((method, "none"))
+        if decomposition in ("none", "-") or alone is None:
+            continue
+        seeds = [s for s in alone if s in with_decomposition]
+        if not seeds:
+            continue
+        diffs = [100.0 * (with_decomposition[s] - alone[s]) for s in seeds]
+        stat = describe(diffs)
+        out.append({"comparison": f"{method} {DECOMPOSITION_LABELS.get(decomposition, decomposition)} − {method} alone",
+                    "n seeds": len(seeds), "mean diff": f"{stat['mean']:+.2f}",
+                    "std": f"{stat['std']:.2f}" if stat.get("std") is not None else None,
+                    "95% CI": _fmt_ci(stat, 2), "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"})
+    return out
+
+
+def _render_glue(glue: dict) -> list[str]:
+    parts = []
+    for task, table in glue["tasks"].items():
+        parts.append(f"### GLUE {task} (test = the reported split; score ×100, mean ± std over seeds)\n")
+        parts.append(markdown_table(table["rows"]) + "\n")
+        if table["paired"]:
+            parts.append(markdown_table(table["paired"]) + "\n")
+    tasks = ", ".join(glue["average"]["tasks_averaged"])
+    parts.append(f"### GLUE average (per seed, the mean of the task scores over {tasks}; MNLI = mean of m/mm; WNLI "
+                 "excluded; rows that miss a task get none)\n")
+    parts.append(markdown_table(glue["average"]["rows"]) + "\n")
+    if glue["average"]["paired"]:
+        parts.append(markdown_table(glue["average"]["paired"]) + "\n")
+    return parts
+
+
 # ------------------------------------------------------------------------------------------------ plots
 def _as_number(text: str) -> float | None:
     try:
@@ -424,7 +571,8 @@ def report(roots: Sequence[str | Path], *, metrics: Sequence[str] | None = None,
         "unfinished": [{"folder": str(j.folder), "overrides": j.overrides} for j in problems
                        if j.status == "unfinished"],
         "experiments": [{"experiment": r.experiment, "metric": r.metric, "common_overrides": r.common,
-                         "rows": r.rows, "cells": r.cells, "paired": r.paired, "plots": r.plots} for r in reports],
+                         "rows": r.rows, "cells": r.cells, "paired": r.paired, "plots": r.plots,
+                         "glue": glue_tables(experiments[r.experiment])} for r in reports],
     }
     markdown = render_markdown(summary)
     if complete:
@@ -452,6 +600,8 @@ def render_markdown(summary: dict) -> str:
             parts.append(markdown_table(_paired_rows(exp["paired"])) + "\n")
         for plot in exp["plots"]:
             parts.append(f"![{Path(plot).stem}]({Path(plot).name})\n")
+        if exp.get("glue"):
+            parts += _render_glue(exp["glue"])
     problems = [("failed", j["folder"], j["error"]) for j in summary["failed"]] + \
         [("unfinished", j["folder"], "no results.json (running or killed)") for j in summary["unfinished"]]
     if problems:
