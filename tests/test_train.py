@@ -212,3 +212,11 @@ def test_sweep_over_mpo_order_n_2_to_6(tmp_path, tiny_overrides):
     train = [p["params"]["train"] for p in payloads]
     assert train == sorted(train) and train[0] < train[-1]
     assert all("*align" in p["variants"][0]["loss"] for p in payloads)
+
+
+def test_train_false_evaluates_without_training(tmp_path, tiny_overrides):
+    """train=false: the student is evaluated as initialised (no fit), and the job still completes."""
+    with compose_job([*tiny_overrides, "task.variants=null", "train=false"], tmp_path) as cfg:
+        result = run_task(cfg)
+    assert result["variants"][0]["steps"] == 0 and "test/acc" in result["metrics"]
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "complete"

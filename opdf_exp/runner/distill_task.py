@@ -68,6 +68,8 @@ def _save_last(trainer: pl.Trainer) -> None:
     """Lightning writes ``last.ckpt`` only at validation time; re-write it at the end of training so that
     ``ckpt_path=.../last.ckpt`` resumes from the true final step."""
     callback = trainer.checkpoint_callback
+    if trainer.lightning_module is None:  # never fitted (train=false): there is no training state to save
+        return
     if callback is not None and callback.save_last and callback.dirpath and not trainer.fast_dev_run:
         # weights_only=False *saves* the full training state (optimizer, loops, callbacks) for resuming
         trainer.save_checkpoint(os.path.join(callback.dirpath, f"{callback.CHECKPOINT_NAME_LAST}.ckpt"),
