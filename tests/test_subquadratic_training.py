@@ -104,3 +104,15 @@ def test_subquadratic_task_end_to_end(tmp_path):
     assert m["student/state_bytes_T512"] < m["student/state_bytes_T4096"]  # the hybrid's attention layer grows
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert reloaded.config.attention_layers == [1]
+
+
+def test_hub_defaults_fail_fast_offline(tmp_path, monkeypatch):
+    from opdf_exp.errors import OfflineError
+    from opdf_exp.runner.subquadratic_task import _hub_documents, load_teacher
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with compose_job(["+experiment=subquadratic_lm"], tmp_path) as cfg:
+        with pytest.raises(OfflineError, match="teacher.name_or_path"):
+            load_teacher(cfg.teacher, str(tmp_path))
+        with pytest.raises(OfflineError, match="subquadratic_cpu"):
+            _hub_documents(cfg.data)
