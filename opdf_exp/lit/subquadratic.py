@@ -24,61 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from opdf_exp.errors import ConfigError
+from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
 from opdf_exp.utils.optim import adamw, with_schedule
 
 TARGETS = ("matrix", "output")
 KL_REDUCTIONS = ("token_mean", "batchmean")
-
-
-# ---------------------------------------------------------------------------------------------- teacher forcing
-def causal_mask_4d(attention_mask: torch.Tensor | None, batch: int, steps: int, dtype, device) -> torch.Tensor:
-    """Additive (B, 1, T, T) mask: causal, plus padded keys masked (HF convention 1 = token)."""
-    allowed = torch.ones(steps, steps, dtype=torch.bool, device=device).tril()  # (T, T)
-    allowed = allowed.expand(batch, 1, steps, steps)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-    # a fully padded row (left padding) attends to itself so softmax stays finite
-    allowed = allowed | torch.eye(steps, dtype=torch.bool, device=device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def teacher_attention(attn: nn.Module, x: torch.Tensor, position_embeddings, mask4d: torch.Tensor,
-                      want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A Llama attention module run eagerly: (output after o_proj (B, T, D), probabilities (B, H, T, T) or None).
-    Eager on purpose: fused kernels never form the probabilities that ``target=matrix`` regresses on."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
-
-    b, t, _ = x.shape
-    shape = (b, t, -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, H, T, d)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, H_kv, T, d)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    out, probs = eager_attention_forward(attn, q, k, v, mask4d, scaling=attn.scaling, dropout=0.0)
-    return attn.o_proj(out.reshape(b, t, -1)), (probs if want_probs else None)
-
-
-class TeacherWalk:
-    """Walk the teacher's decoder one layer at a time under no_grad: yields (layer index, hidden state in,
-    normalised input of the attention, teacher layer); the caller calls ``advance(h_out)`` to move on."""
-
-    def __init__(self, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        model = teacher.model
-        with torch.no_grad():
-            h = model.embed_tokens(input_ids)
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
-            self.position_embeddings = model.rotary_emb(h, position_ids=positions)
-        self.mask4d = causal_mask_4d(attention_mask, *input_ids.shape, h.dtype, h.device)
-        self.hidden, self.model = h, model
-
-    @torch.no_grad()
-    def layer_output(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer = self.model.layers[idx]
-        x = layer.input_layernorm(hidden)
-        a, _ = teacher_attention(layer.self_attn, x, self.position_embeddings, self.mask4d, False)
-        h = hidden + a
-        return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def token_weights(attention_mask: torch.Tensor | None, shape) -> torch.Tensor:

@@ -98,9 +98,47 @@ def _stage_module(name: str, student, teacher, stage_cfg: dict, prefix: str):
     return getattr(lit, STAGE_MODULES[name])(student, teacher, log_prefix=prefix, **options)
 
 
+def parse_attention_layers(value) -> tuple[list[int], int | None]:
+    """``[0, 15]`` -> (layers, None); ``"auto:K"`` -> ([], K): keep the K least faithful layers as attention."""
+    if isinstance(value, str):
+        if not value.startswith("auto:") or not value[5:].isdigit():
+            raise ConfigError(f"student.attention_layers={value!r}: use a list of layer indices or auto:K")
+        return [], int(value[5:])
+    return [int(i) for i in (value or [])], None
+
+
+def fidelity_report(student, teacher, blocks: torch.Tensor, output_dir: Path | None) -> dict[int, dict]:
+    """Per-layer fidelity (``layer_fidelity``) as a dict, a markdown table and a bar plot in ``output_dir``."""
+    from opdf_exp.subquadratic.teacher_forcing import layer_fidelity
+
+    fidelity = layer_fidelity(student, teacher, blocks)
+    if output_dir is not None and fidelity:
+        rows = ["| layer | output rel. error | matrix MSE |", "|---|---|---|"]
+        rows += [f"| {i} | {f['output_rel_err']:.4g} | {f.get('matrix_mse', float('nan')):.4g} |"
+                 for i, f in fidelity.items()]
+        (output_dir / "layer_fidelity.md").write_text("\n".join(rows) + "\n")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(fidelity)), 3))
+            ax.bar(list(fidelity), [f["output_rel_err"] for f in fidelity.values()])
+            ax.set_xlabel("layer")
+            ax.set_ylabel("attention-output rel. error")
+            fig.tight_layout()
+            fig.savefig(output_dir / "layer_fidelity.png", dpi=100)
+            plt.close(fig)
+        except Exception as error:  # a plot must never fail a run
+            log.warning("layer-fidelity plot skipped: %s", error)
+    return fidelity
+
+
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
-               stages_cfg: dict, batch_size: int, loggers: list) -> dict[str, Any]:
-    """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule)."""
+               stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None) -> dict[str, Any]:
+    """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule). After stage 1
+    (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``)."""
     from opdf_exp.data.lm import parse_splits, split_blocks
     from opdf_exp.runner.trainer import build_trainer
 
@@ -109,6 +147,8 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
     val = DataLoader(_BlockDataset(held_out[: int(stages_cfg.get("val_blocks", 16))]), batch_size=batch_size)
     report: dict[str, Any] = {}
     for name, share in shares.items():
+        if name == "hidden_alignment" and after_stage1 is not None:
+            student = after_stage1(student)
         blocks = slices[name]
         if share == 0 or blocks.shape[0] == 0:
             report[name] = {"skipped": True, "blocks": 0}
@@ -129,6 +169,7 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
                         "seconds": round(time.perf_counter() - started, 2), **metrics}
         student.eval()
+    report["student"] = student
     return report
 
 
@@ -188,12 +229,31 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     log.info("blocks: %d train / %d held-out of %d tokens (%d / %d documents)", data.train.shape[0],
              data.held_out.shape[0], data.train.shape[1], len(data.train_docs), len(data.held_out_docs))
     student_cfg = _plain(cfg.student)
-    student = convert(teacher, str(student_cfg["arch"]), init=str(student_cfg.get("init", "qkv_copy")),
-                      attention_layers=student_cfg.get("attention_layers") or (),
-                      **(student_cfg.get("options") or {}))
+    arch, init, options = str(student_cfg["arch"]), str(student_cfg.get("init", "qkv_copy")), \
+        dict(student_cfg.get("options") or {})
+    attention_layers, auto_k = parse_attention_layers(student_cfg.get("attention_layers"))
+    student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
+    fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]
+    chosen: dict[str, Any] = {}
+
+    def after_stage1(trained):
+        """Per-layer fidelity after stage 1; with auto:K, rebuild with the K worst layers as attention (the other
+        layers keep their stage-1 mixers)."""
+        fidelity = fidelity_report(trained, teacher, fidelity_blocks, output_dir)
+        chosen["fidelity"] = {str(i): f for i, f in fidelity.items()}
+        if not auto_k:
+            return trained
+        worst = sorted(fidelity, key=lambda i: fidelity[i]["output_rel_err"], reverse=True)[:auto_k]
+        chosen["attention_layers"] = sorted(worst)
+        log.info("attention_layers=auto:%d keeps layers %s as attention", auto_k, sorted(worst))
+        rebuilt = convert(teacher, arch, init=init, attention_layers=sorted(worst), **options)
+        rebuilt.load_state_dict(trained.state_dict(), strict=False)  # stage-1 mixers of the remaining layers
+        return rebuilt
+
     loggers = build_loggers(cfg.get("logger"))
     stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
-                        int(cfg.data.batch_size), loggers) if cfg.get("train", True) else {}
+                        int(cfg.data.batch_size), loggers, after_stage1) if cfg.get("train", True) else {}
+    student = stages.pop("student", student)
     student.eval()
     eval_cfg = task.get("evaluation") or {}
     rows = {f"student ({student_cfg.get('name', student_cfg['arch'])})":
@@ -208,7 +268,8 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     (output_dir / "results_table.md").write_text(table + "\n")
     if loggers:
         log_final(loggers, {k: _plain(v) for k, v in cfg.items() if k != "hydra"}, metrics)
-    return {"metrics": metrics, "stages": stages, "tables": {"subquadratic": table},
+    return {"metrics": metrics, "stages": stages, "layer_fidelity": chosen.get("fidelity", {}),
+            "attention_layers": list(student.config.attention_layers or []), "tables": {"subquadratic": table},
             "params": {"student": rows[next(iter(rows))]["params"]},
             "data": {"train_blocks": int(data.train.shape[0]), "held_out_blocks": int(data.held_out.shape[0]),
                      "block_size": int(data.train.shape[1]), "train_documents": len(data.train_docs),
