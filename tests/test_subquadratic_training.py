@@ -117,3 +117,9 @@ def test_hub_defaults_fail_fast_offline(tmp_path, monkeypatch):
             load_teacher(cfg.teacher, str(tmp_path))
         with pytest.raises(OfflineError, match="subquadratic_cpu"):
             _hub_documents(cfg.data)
+
+
+def test_teacher_stays_in_eval_mode(teacher):
+    module = HiddenAlignmentModule(convert(teacher, "retnet"), teacher)
+    module.train()
+    assert module.student.training and not module.teacher.training

@@ -52,6 +52,12 @@ class _StageModule(pl.LightningModule):
         if self.manual:
             self.automatic_optimization = False
 
+    def train(self, mode: bool = True):
+        """Lightning switches the whole module to train mode at fit start; the teacher must stay in eval."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
 
