@@ -15,8 +15,10 @@ _torchvision_compat.apply()
 
 __version__ = "0.1.0"
 
-# The subquadratic students are transformers models: register their config and model classes with AutoConfig /
-# AutoModelForCausalLM so that a saved student reloads with from_pretrained(folder) after `import opdf_exp`.
-from opdf_exp.subquadratic import register as _register_subquadratic  # noqa: E402
+# The subquadratic students are transformers models: their config and model classes are registered with
+# AutoConfig / AutoModelForCausalLM so that a saved student reloads with from_pretrained(folder) after
+# `import opdf_exp`. Registering needs transformers, which the pure-torch layers (mixers, mpo) must not pull in,
+# so it happens the moment transformers is imported (now, if it already is).
+from opdf_exp import _hf_registration  # noqa: E402
 
-_register_subquadratic()
+_hf_registration.install()

@@ -18,7 +18,8 @@ def teacher():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
-                      tie_word_embeddings=True, initializer_range=0.1)  # larger init: no near-ties in greedy argmax
+                      tie_word_embeddings=True, initializer_range=0.1,  # larger init: no near-ties in greedy argmax
+                      bos_token_id=None, eos_token_id=None)  # no EOS: every row generates every step
     return LlamaForCausalLM(cfg).eval()
 
 
