@@ -123,3 +123,19 @@ def test_teacher_stays_in_eval_mode(teacher):
     module = HiddenAlignmentModule(convert(teacher, "retnet"), teacher)
     module.train()
     assert module.student.training and not module.teacher.training
+
+
+def test_transformer_student_runs_the_same_pipeline(tmp_path):
+    from opdf_exp.runner.app import run_task
+
+    overrides = ["task=subquadratic", "teacher=tiny_llama", "student=transformer", "data=lm_bbc", "callbacks=none",
+                 "trainer=cpu", "trainer.max_steps=-1", "trainer.enable_progress_bar=false", "logger=none",
+                 "data.max_train_tokens=2000", "data.block_size=32", "data.batch_size=4", "optimized_metric=null",
+                 "task.stages.splits=0.3|0.3|0.4", "task.evaluation.teacher=false", "task.evaluation.max_blocks=1",
+                 "task.evaluation.throughput={}", "task.evaluation.passkey.context_tokens=[]", "task.evaluation.mqar={}",
+                 "task.save_student=false"]
+    with compose_job(overrides, tmp_path) as cfg:
+        run_task(cfg)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["stages"]["attention_transfer"]["skipped"] == "no token-mixer layers"
+    assert result["stages"]["end_to_end"]["steps"] > 0

@@ -153,6 +153,11 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         if share == 0 or blocks.shape[0] == 0:
             report[name] = {"skipped": True, "blocks": 0}
             continue
+        if name == "attention_transfer" and not student.mixers():
+            # the Transformer student has no mixer to transfer into; its slice is left unused so that every
+            # student sees the same tokens in stages 2 and 3
+            report[name] = {"skipped": "no token-mixer layers", "blocks": int(blocks.shape[0])}
+            continue
         stage_cfg = dict(stages_cfg.get(name) or {})
         max_steps = stage_cfg.get("max_steps")
         epochs = int(stage_cfg.get("epochs", 1) or 1)
