@@ -18,7 +18,8 @@ from tests.helpers.wandb_record import read_offline_record
 
 REPO = Path(__file__).resolve().parents[1]
 DISTILL_EXPERIMENTS = sorted(p.stem for p in Path(str(files("opdf_exp.conf"))).joinpath("experiment").glob("*.yaml")
-                             if "override /task" not in p.read_text())
+                             if "override /task" not in p.read_text()
+                             and "tags: [vision" not in p.read_text())  # image experiments: tests/test_vision.py
 
 
 def tiny_glue(folder: Path, n: int = 48) -> Path:

@@ -216,15 +216,30 @@ class ImageClassificationDataModule(ClassificationDataModule):
     """Serves :class:`ImageSplits` through timm transforms (resolved from a data config: ``input_size``, ``mean``,
     ``std``, ``interpolation``, ``crop_pct``). ``train_augment`` turns on timm's training transform (random-resized
     crop, flip, optional RandAugment via ``auto_augment``); off, training uses the deterministic eval transform
-    (which also makes teacher outputs cacheable). ``limit_*`` caps splits for quick runs."""
+    (which also makes teacher outputs cacheable). ``mixup_alpha`` / ``cutmix_alpha`` > 0 mix training batches with
+    ``timm.data.Mixup`` (labels become class probabilities, smoothed by ``label_smoothing``; batches are kept even).
+    ``limit_*`` caps splits for quick runs."""
 
     def __init__(self, source: Callable[[], ImageSplits], input_size: Sequence[int] = (3, 224, 224),
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                  interpolation: str = "bicubic", crop_pct: float = 0.875, train_augment: bool = True,
                  auto_augment: str | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 0, limit_train_examples: int | None = None, limit_eval_examples: int | None = None):
+                 num_workers: int = 0, limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mixup_prob: float = 1.0,
+                 mixup_switch_prob: float = 0.5, label_smoothing: float = 0.0):
         super().__init__(batch_size, eval_batch_size, num_workers, limit_train_examples, limit_eval_examples)
         self.source = source
+        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= mixup_prob <= 1:
+            raise ConfigError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 and "
+                              f"mixup_prob={mixup_prob} in [0, 1]")
+        self.mixup_options = {"mixup_alpha": float(mixup_alpha), "cutmix_alpha": float(cutmix_alpha),
+                              "prob": float(mixup_prob), "switch_prob": float(mixup_switch_prob),
+                              "label_smoothing": float(label_smoothing)}
+        self._mixup = None
+        if self.mixing:
+            if batch_size % 2:
+                raise ConfigError(f"mixup/cutmix pair examples within a batch; batch_size={batch_size} must be even")
+            self.drop_last_train = True
         self.data_config = {"input_size": tuple(input_size), "mean": tuple(mean), "std": tuple(std),
                             "interpolation": interpolation, "crop_pct": float(crop_pct)}
         self.train_augment, self.auto_augment = train_augment, auto_augment
@@ -236,6 +251,27 @@ class ImageClassificationDataModule(ClassificationDataModule):
             return create_transform(**self.data_config, is_training=True, auto_augment=self.auto_augment)
         return create_transform(**self.data_config, is_training=False)
 
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_options["mixup_alpha"] > 0 or self.mixup_options["cutmix_alpha"] > 0
+
+    def input_signature(self) -> dict | None:
+        """What fixes an example's pixels (the teacher-output cache key), or None when training inputs are random
+        (augmentation or mixup): the teacher then runs live."""
+        if self.train_augment or self.mixing:
+            return None
+        return {"data_config": dict(self.data_config), "transform": "eval"}
+
+    def _train_collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._collate(items)
+        if self.mixing:
+            if self._mixup is None:
+                from timm.data import Mixup
+
+                self._mixup = Mixup(**self.mixup_options, num_classes=self.load_splits().num_labels)
+            batch["pixel_values"], batch["labels"] = self._mixup(batch["pixel_values"], batch["labels"])
+        return batch
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -243,3 +279,25 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.datasets = {"train": _Transformed(splits.train, self.transforms(True)),
                          "validation": _Transformed(splits.validation, self.transforms(False)),
                          "test": _Transformed(splits.test, self.transforms(False))}
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet
+def imagenet(path: str | None = None, hub_id: str = "ILSVRC/imagenet-1k", selection_fraction_of_train: float = 0.01,
+             split_seed: int = 0) -> ImageSplits:
+    """ImageNet-1k for the paper-scale recipes: ``path`` = an ImageNet-layout folder (``train/<wnid>/*.JPEG``,
+    ``val/<wnid>/*.JPEG``), else the hub dataset (offline: fails fast, naming ``data.path``). The reported split is
+    the whole official validation set (the usual ImageNet number); checkpoints are selected on a fixed, stratified
+    ``selection_fraction_of_train`` of train (1% = 12,811 images), never on the reported images."""
+    if path:
+        return image_folder(path, val_fraction_of_train=selection_fraction_of_train, split_seed=split_seed)
+    from opdf_exp.hub import require_hub_dataset
+
+    require_hub_dataset(hub_id, override_hint="set data.path=<imagenet folder with train/<wnid>/ and val/<wnid>/> "
+                                              "(the ImageNet layout)")
+    splits = hub_images(hub_id)
+    train = splits.train
+    keep, held, _ = stratified_split(train.labels, (selection_fraction_of_train, 0.0), split_seed)
+    report = ImageExamples(lambda i, a=splits.validation, b=splits.test: (a.load(i) if i < len(a) else
+                                                                          b.load(i - len(a))),
+                           splits.validation.labels + splits.test.labels)
+    return ImageSplits(train.subset(keep), train.subset(held), report, splits.class_names)

@@ -56,6 +56,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.datasets: dict = {}
+        self.drop_last_train = False  # e.g. mixup pairs examples, so every training batch must be even
         self._train_sampler: ResumableRandomSampler | None = None
         self._pending_epoch_seed: int | None = None
 
@@ -80,6 +81,10 @@ class ClassificationDataModule(pl.LightningDataModule):
     def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         return torch.utils.data.default_collate(items)
 
+    def _train_collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """Training batches (subclasses add batch-level augmentation such as mixup here)."""
+        return self._collate(items)
+
     def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
         return DataLoader(self.datasets[name], batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate,
@@ -98,7 +103,7 @@ class ClassificationDataModule(pl.LightningDataModule):
                 sampler.resume(pending, done)
         self._train_sampler = sampler
         return DataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=self._collate, num_workers=self.num_workers,
+                          collate_fn=self._train_collate, num_workers=self.num_workers, drop_last=self.drop_last_train,
                           persistent_workers=self.num_workers > 0)
 
     def _trainer_or_none(self):

@@ -56,6 +56,10 @@ class TextClassificationDataModule(ClassificationDataModule):
                 resolve_model_path(self.tokenizer_path, override_key="data.tokenizer"))
         return self._tokenizer
 
+    def input_signature(self) -> dict:
+        """What fixes the model inputs of an example (the teacher-output cache key): tokenizer and max length."""
+        return {"tokenizer": str(self.tokenizer_path), "max_length": int(self.max_length)}
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return

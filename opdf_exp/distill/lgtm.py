@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from opdf_exp.distill.adapters import ModelOutputs, adapter_for
 from opdf_exp.distill.terms import soft_target_kl
 
 
@@ -88,8 +89,8 @@ def distillation_influence(student: nn.Module, teacher: nn.Module, inputs: Mappi
         with torch.no_grad():
             for (p, v), original in zip(pairs, saved):
                 p.copy_(original + sign * radius * v)
-            student_logits = student(**inputs, return_dict=True).logits
-        logits = teacher(**inputs, return_dict=True).logits
+            student_logits = adapter_for(student).run(student, inputs).logits
+        logits = adapter_for(teacher).run(teacher, inputs).logits
         return torch.autograd.grad(teacher_objective(logits, student_logits, labels, teacher_alpha, temperature),
                                    teacher_params, allow_unused=True)
 
@@ -120,18 +121,20 @@ def lgtm_teacher_gradients(student: nn.Module, teacher: nn.Module, inputs: Mappi
     student_params = [p for p in student.parameters() if p.requires_grad]
     teacher_params = [p for p in teacher.parameters() if p.requires_grad]
     # 1. the teacher's own gradient, and the student's gradient for the virtual step
-    teacher_out = teacher(**inputs, return_dict=True)
-    student_out = student(**inputs, return_dict=True)
+    teacher_out = adapter_for(teacher).run(teacher, inputs)
+    student_out = adapter_for(student).run(student, inputs)
     own = torch.autograd.grad(teacher_objective(teacher_out.logits, student_out.logits, labels, teacher_alpha,
                                                 temperature), teacher_params, allow_unused=True)
-    teacher_target = type(teacher_out)(logits=teacher_out.logits.detach())
+    teacher_target = ModelOutputs(logits=teacher_out.logits.detach())
     student_grads = torch.autograd.grad(student_objective(student_out, teacher_target), student_params,
                                         allow_unused=True)
     # 2. the student after one virtual AdamW step, and its held-out gradient v
     stepped = adamw_lookahead(student_optimizer, {p: g for p, g in zip(student_params, student_grads) if g is not None})
     names = {p: name for name, p in student.named_parameters()}
     virtual = {names[p]: value.requires_grad_(True) for p, value in stepped.items()}
-    heldout_logits = functional_call(student, virtual, args=(), kwargs={**heldout_inputs, "return_dict": True}).logits
+    student_io = adapter_for(student)
+    args, kwargs = student_io.call_arguments(student, heldout_inputs)
+    heldout_logits = student_io.logits_of(functional_call(student, virtual, args=args, kwargs=kwargs))
     vector = dict(zip(virtual, torch.autograd.grad(task_loss(heldout_logits, heldout_labels), list(virtual.values()),
                                                     allow_unused=True)))
     pairs = [(p, vector[names[p]]) for p in student_params if vector.get(names[p]) is not None]

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from opdf_exp.distill.terms import LossTerm
+from opdf_exp.distill.terms import LossTerm, TaskLoss
 from opdf_exp.errors import ConfigError
 
 
@@ -47,6 +47,16 @@ class DistillationLoss(nn.Module):
     @property
     def active(self) -> dict[str, LossTerm]:
         return {name: term for name, term in self.terms.items() if self.weights[name] > 0}
+
+    @property
+    def task_term(self) -> LossTerm:
+        """The supervised term (validation and test loss are this term itself, whatever its weight in training)."""
+        for term in self.terms.values():
+            if isinstance(term, TaskLoss):
+                return term
+        if not hasattr(self, "_default_task_term"):
+            self._default_task_term = TaskLoss()
+        return self._default_task_term
 
     @property
     def needs_teacher(self) -> bool:

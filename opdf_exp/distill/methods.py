@@ -70,9 +70,10 @@ class DistillMethod:
         return {}
 
 
-@register_method("none", "kd", "kd_hidden", "pkd")
+@register_method("none", "kd", "kd_hidden", "pkd", "deit_hard")
 class LossOnly(DistillMethod):
-    """No-KD baseline, Hinton KD, KD + hidden states and Patient-KD: what differs is in ``distill.terms``."""
+    """No-KD baseline, Hinton KD, KD + hidden states, Patient-KD and DeiT hard distillation: what differs is in
+    ``distill.terms``."""
 
 
 @register_method("theseus")

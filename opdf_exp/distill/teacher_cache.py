@@ -82,8 +82,8 @@ class TeacherOutputCache:
         logits = self.logits.index_select(0, index).to(device)
         hidden_states = None
         if self.hidden:
-            mask = batch["attention_mask"].bool().cpu()  # (B, L): real tokens
             starts, ends = self.offsets[index], self.offsets[index + 1]
+            mask = _token_mask(batch, int((ends[0] - starts[0]).item()) if len(index) else 0).cpu()  # (B, L)
             rows = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(starts, ends)])
             if int(mask.sum()) != rows.numel():
                 raise ConfigError("cached teacher hidden states do not match the batch's token count; the data or "
@@ -139,14 +139,23 @@ class TeacherOutputCache:
         return cls(tensors["logits"], hidden, tensors.get("offsets"), int(meta.get("num_hidden_states", 0)), meta)
 
 
+def _token_mask(batch: Mapping[str, torch.Tensor], length: int) -> torch.Tensor:
+    """``[B, L]`` real tokens: the text batch's attention mask, or every token (image patches)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.bool()
+    return torch.ones(len(batch[INDEX_KEY]), length, dtype=torch.bool)
+
+
 @torch.no_grad()
 def build_cache(teacher: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], num_examples: int,
                 layers: Sequence[int] = (), meta: dict | None = None, progress=None) -> TeacherOutputCache:
     """Run the frozen teacher (eval mode) over ``batches`` (each with ``example_index`` and ``attention_mask``)
     and collect logits and the hidden states of ``layers`` at real tokens. ``progress(done, total, seconds)`` is
     called after every batch (the runner logs a rate)."""
-    from opdf_exp.distill.model_io import model_inputs
+    from opdf_exp.distill.adapters import adapter_for
 
+    adapter = adapter_for(teacher)
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
@@ -156,15 +165,15 @@ def build_cache(teacher: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
     done, started = 0, time.perf_counter()
     try:
         for batch in batches:
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-            out = teacher(**inputs, output_hidden_states=bool(layers), return_dict=True)
+            inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            out = adapter.run(teacher, inputs, hidden_states=bool(layers))
             index = batch[INDEX_KEY].long()
             if logits is None:
                 logits = torch.full((num_examples, out.logits.shape[-1]), float("nan"))
             logits[index] = out.logits.float().cpu()
             if layers:
                 num_hidden = len(out.hidden_states)
-                mask = batch["attention_mask"].bool()
+                mask = _token_mask(batch, out.hidden_states[0].shape[1])
                 for layer in layers:
                     if not 0 <= layer < num_hidden:
                         raise ConfigError(f"a loss term asks for teacher hidden state {layer}; the teacher has "
@@ -194,8 +203,9 @@ def verify(cache: TeacherOutputCache, teacher: torch.nn.Module, batches: Iterabl
     """Largest relative difference between the cache and the live teacher on the first ``max_batches``
     batches; raises nothing. Logits are stored in float32 (tolerance for batch-composition round-off) and hidden
     states in float16 (relative tolerance about 1e-3, checked against ``hidden_tol``)."""
-    from opdf_exp.distill.model_io import model_inputs
+    from opdf_exp.distill.adapters import adapter_for
 
+    adapter = adapter_for(teacher)
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
@@ -205,11 +215,11 @@ def verify(cache: TeacherOutputCache, teacher: torch.nn.Module, batches: Iterabl
             if i >= max_batches:
                 break
             cached = cache.lookup(batch, device)
-            live = teacher(**{k: v.to(device) for k, v in model_inputs(batch).items()},
-                           output_hidden_states=bool(cache.hidden), return_dict=True)
+            live = adapter.run(teacher, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)},
+                               hidden_states=bool(cache.hidden))
             scale = live.logits.abs().max().clamp_min(1.0)
             worst = max(worst, float((cached.logits - live.logits.float()).abs().max() / scale) / logits_tol)
-            mask = batch["attention_mask"].bool().to(device)
+            mask = _token_mask(batch, live.hidden_states[0].shape[1]).to(device) if cache.layers else None
             for layer in cache.layers:
                 ref = live.hidden_states[layer].float()[mask]
                 got = cached.hidden_states[layer][mask]

@@ -34,13 +34,47 @@ class LossTerm(nn.Module):
 
 
 class TaskLoss(LossTerm):
-    """Cross-entropy on the labels, or MSE when the head has one output (regression, e.g. STS-B)."""
+    """Cross-entropy on the labels, or MSE when the head has one output (regression, e.g. STS-B).
+
+    Labels may be class ids ``[B]`` or class probabilities ``[B, C]`` (mixup / cutmix batches).
+    ``label_smoothing`` is the DeiT / TinyViT recipes' 0.1 (applied to class-id labels; mixup's soft labels carry
+    their own smoothing).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ConfigError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, ctx) -> torch.Tensor:
         logits = ctx.student.logits
         if logits.shape[-1] == 1:
             return F.mse_loss(logits.squeeze(-1).float(), ctx.labels.float())
-        return F.cross_entropy(logits.float(), ctx.labels)
+        if ctx.labels.dim() == logits.dim() and ctx.labels.is_floating_point():  # soft targets (mixup)
+            return torch.sum(-ctx.labels.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), ctx.labels, label_smoothing=self.label_smoothing)
+
+
+class HardDistillation(LossTerm):
+    """DeiT's hard-label distillation (Touvron et al. 2021): cross-entropy of the student on the teacher's argmax.
+
+    With a DeiT distilled student the term reads its distillation-token head (``dist_logits``) while the task term
+    trains the class-token head, as in the paper (``L = ½ CE(y) + ½ CE(argmax teacher)``: set both weights to
+    0.5); a student with one head gets both terms on the same logits.
+    """
+
+    needs_teacher = True
+    classification_only = True
+
+    def forward(self, ctx) -> torch.Tensor:
+        student = ctx.student.dist_logits if getattr(ctx.student, "dist_logits", None) is not None \
+            else ctx.student.logits
+        target = ctx.teacher.logits.argmax(-1)
+        if student.dim() == 3:  # token-level logits: real tokens only
+            keep = ctx.attention_mask.bool() if ctx.attention_mask is not None else torch.ones_like(target, dtype=torch.bool)
+            return F.cross_entropy(student[keep].float(), target[keep])
+        return F.cross_entropy(student.float(), target)
 
 
 class LogitKL(LossTerm):
@@ -142,11 +176,13 @@ class HiddenStateMSE(LossTerm):
         self.projections = nn.ModuleList()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        from opdf_exp.models.layers import find_layer_stack, uniform_layer_map
+        from opdf_exp.distill.adapters import adapter_for
+        from opdf_exp.models.layers import uniform_layer_map
 
         if teacher is None:
             raise ConfigError("distill.terms.hidden needs a teacher")
-        n_student, n_teacher = len(find_layer_stack(student)[1]), len(find_layer_stack(teacher)[1])
+        student_io, teacher_io = adapter_for(student), adapter_for(teacher)
+        n_student, n_teacher = student_io.num_hidden(student), teacher_io.num_hidden(teacher)
         if self.layer_map_spec == "auto":
             origin = getattr(student, "distill_teacher_layers", None) or uniform_layer_map(n_student, n_teacher)
             pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(origin)]
@@ -157,9 +193,12 @@ class HiddenStateMSE(LossTerm):
                 raise ConfigError(f"distill.terms.hidden.layer_map pair [{s}, {t}] is out of range: hidden states run "
                                   f"0..{n_student} for the student and 0..{n_teacher} for the teacher")
         self.pairs = pairs
-        d_student, d_teacher = student.config.hidden_size, teacher.config.hidden_size
+        # prefix tokens ([CLS], DeiT's distillation token, registers) come first in timm token states
+        self.prefix_tokens = (int(getattr(student, "num_prefix_tokens", 0) or 0),
+                              int(getattr(teacher, "num_prefix_tokens", 0) or 0))
         self.projections = nn.ModuleList(
-            _projection(d_student, d_teacher, self.projection_spec, "distill.terms.hidden") for _ in pairs)
+            _projection(student_io.hidden_width(student, s), teacher_io.hidden_width(teacher, t), self.projection_spec,
+                        "distill.terms.hidden") for s, t in pairs)
 
     @property
     def teacher_hidden_layers(self) -> tuple[int, ...]:
@@ -167,9 +206,24 @@ class HiddenStateMSE(LossTerm):
 
     def forward(self, ctx) -> torch.Tensor:
         hs, ht = ctx.student.hidden_states, ctx.teacher.hidden_states
-        losses = [_masked_mse(proj(hs[s]), ht[t], ctx.attention_mask)
-                  for (s, t), proj in zip(self.pairs, self.projections)]
+        losses = []
+        for (s, t), proj in zip(self.pairs, self.projections):
+            student, teacher = self._common_tokens(hs[s], ht[t], s, t)
+            losses.append(_masked_mse(proj(student), teacher, ctx.attention_mask))
         return torch.stack(losses).mean()
+
+    def _common_tokens(self, student: torch.Tensor, teacher: torch.Tensor, s: int, t: int):
+        """Equal token counts pass through. Models with different prefix tokens (a DeiT distilled student of a ViT
+        teacher: [CLS, DIST, patches] vs [CLS, patches]) compare their shared prefix tokens and all patches."""
+        if student.shape[:-1] == teacher.shape[:-1]:
+            return student, teacher
+        ps, pt = getattr(self, "prefix_tokens", (0, 0))
+        if student.dim() == 3 and student.shape[1] - ps == teacher.shape[1] - pt and ps != pt:
+            keep = min(ps, pt)
+            return (torch.cat([student[:, :keep], student[:, ps:]], 1), torch.cat([teacher[:, :keep], teacher[:, pt:]], 1))
+        raise ConfigError(f"distill.terms.hidden pair [{s}, {t}]: student states {tuple(student.shape)} and teacher "
+                          f"states {tuple(teacher.shape)} have different token counts; map layers of equal resolution "
+                          "(layer_map) or give both models the same patch size and image size")
 
 
 def patient_layer_map(num_student: int, num_teacher: int, strategy: str = "skip") -> list[tuple[int, int]]:
@@ -212,11 +266,12 @@ class PatientCLSMSE(LossTerm):
         self.pairs: list[tuple[int, int]] = []
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        from opdf_exp.models.layers import find_layer_stack
+        from opdf_exp.distill.adapters import adapter_for
 
         if teacher is None:
             raise ConfigError("the PKD term needs a teacher")
-        n_student, n_teacher = len(find_layer_stack(student)[1]), len(find_layer_stack(teacher)[1])
+        student_io, teacher_io = adapter_for(student), adapter_for(teacher)
+        n_student, n_teacher = student_io.num_hidden(student), teacher_io.num_hidden(teacher)
         if self.layer_map_spec is None:
             self.pairs = patient_layer_map(n_student, n_teacher, self.strategy)
         else:
@@ -226,7 +281,8 @@ class PatientCLSMSE(LossTerm):
                 raise ConfigError(f"PKD layer_map {bad or '[]'} does not fit a {n_student}-block student and a "
                                   f"{n_teacher}-block teacher; give pairs [student 1..{n_student}, teacher "
                                   f"1..{n_teacher}] or layer_map=null with strategy=skip|last")
-        d_student, d_teacher = student.config.hidden_size, teacher.config.hidden_size
+        d_student = student_io.hidden_width(student, self.pairs[0][0])
+        d_teacher = teacher_io.hidden_width(teacher, self.pairs[0][1])
         if d_student != d_teacher:
             raise ConfigError(f"PKD compares [CLS] states of equal width; student {d_student} != teacher {d_teacher}: "
                               "use distill=kd_hidden (it learns a projection) for students of another width")
@@ -283,9 +339,12 @@ def _output_width(model: nn.Module, path: str) -> int:
         value = getattr(module, attr, None)
         if value is not None:
             return int(value[0] if isinstance(value, (tuple, list)) else value)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "hidden_size"):
-        return int(config.hidden_size)
+    from opdf_exp.distill.adapters import adapter_for
+
+    try:
+        return adapter_for(model).hidden_width(model, 1)
+    except (ConfigError, AttributeError):
+        pass
     raise ConfigError(f"cannot infer the output width of '{path}'; set projection=false and match widths")
 
 

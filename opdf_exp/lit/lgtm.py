@@ -61,7 +61,7 @@ class LGTMModule(DistillationModule):
 
         # 1. teacher step (raw optimizer: only the student's step advances the global step)
         grads = lgtm_teacher_gradients(
-            self.student, self.teacher, self.model_inputs(batch), batch["labels"], self.model_inputs(heldout),
+            self.student, self.teacher, batch, batch["labels"], heldout,
             heldout["labels"], student_objective=student_objective, student_optimizer=student_opt.optimizer,
             teacher_lr=teacher_sched.get_last_lr()[0], teacher_alpha=self.teacher_alpha,
             temperature=self.temperature, r=self.finite_difference_r)

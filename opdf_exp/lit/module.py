@@ -1,17 +1,20 @@
 """One LightningModule for fine-tuning a teacher and for distilling a student.
 
 Fine-tuning is distillation with no teacher and only the task term, so both stages share this class, its
-metrics and its logging. The teacher is frozen (eval mode, no grad) and its weights are left out of
+metrics and its logging. Models are run only through their :mod:`~opdf_exp.distill.adapters` (a batch in, named
+outputs out), so the same class trains transformers and timm students; nothing here knows a model family. The teacher is frozen (eval mode, no grad) and its weights are left out of
 checkpoints: it is rebuilt by the runner and re-inserted on load, so checkpoints stay student-sized.
 
-A KD method may train through another module than the student (``train_model``: BERT-of-Theseus's mixed
-predecessor/successor model, whose successor *is* the student). It runs the training forward only; validation,
-test and export always use the student alone. Like the teacher it is rebuilt by the runner, so it is left out of
-checkpoints too. If it has ``set_step(step)``, it is told the global step before each training forward
-(curricula such as Theseus's p(t) depend on it, so a resumed run continues the same schedule).
+A KD method may change the student for its training forwards (``train_model``: BERT-of-Theseus's mixed
+predecessor/successor model, whose successor *is* the student): its ``training_forward()`` context swaps the
+mixed blocks in while the student's adapter runs. Validation, test and export always use the student alone. Like
+the teacher it is rebuilt by the runner, so it is left out of checkpoints too. If it has ``set_step(step)``, it
+is told the global step before each training forward (curricula such as Theseus's p(t) depend on it, so a resumed
+run continues the same schedule).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -19,12 +22,11 @@ import torch
 import torch.nn as nn
 import torchmetrics
 
+from opdf_exp.distill.adapters import ModelOutputs, adapter_for
 from opdf_exp.distill.loss import DistillationLoss, DistillContext
 from opdf_exp.distill.taps import ForwardTaps
 from opdf_exp.errors import ConfigError
 from opdf_exp.utils.optim import adamw, with_schedule
-
-from opdf_exp.distill.model_io import MODEL_INPUT_KEYS, model_inputs  # noqa: F401  (MODEL_INPUT_KEYS re-exported)
 
 
 def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torchmetrics.MetricCollection:
@@ -78,6 +80,11 @@ class DistillationModule(pl.LightningModule):
         # persistent, so checkpoints do not depend on which test sets were evaluated.
         self.extra_test_metrics = nn.ModuleDict()
         self.regression = problem_type == "regression"
+        self.student_adapter = adapter_for(student)
+        self.teacher_adapter = adapter_for(teacher) if teacher is not None else None
+        for model, adapter in ((student, self.student_adapter), (teacher, self.teacher_adapter)):
+            if adapter is not None and hasattr(adapter, "prepare"):
+                adapter.prepare(model)  # e.g. DeiT's two heads in training
         student_paths, teacher_paths = loss.tap_paths()
         self._student_taps = ForwardTaps(student, student_paths) if student_paths else None
         self._teacher_taps = ForwardTaps(teacher, teacher_paths) if teacher_paths and teacher is not None else None
@@ -93,25 +100,23 @@ class DistillationModule(pl.LightningModule):
         if self.hparams.compile:
             self.student = torch.compile(self.student)
 
-    @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return model_inputs(batch)
+    def forward(self, batch: dict[str, torch.Tensor], hidden_states: bool = False) -> ModelOutputs:
+        return self.student_adapter.run(self.student, batch, hidden_states)
 
-    def forward(self, batch: dict[str, torch.Tensor], hidden_states: bool = False):
-        return self.student(**self.model_inputs(batch), output_hidden_states=hidden_states, return_dict=True)
+    def teacher_outputs(self, batch: dict[str, torch.Tensor], hidden_states: bool = False) -> ModelOutputs:
+        return self.teacher_adapter.run(self.teacher, batch, hidden_states)
 
     def _context(self, batch: dict[str, torch.Tensor]) -> DistillContext:
         hidden = self.loss.needs_hidden_states
-        if self.training and self.train_model is not None:
-            student_out = self.train_model(**self.model_inputs(batch), output_hidden_states=hidden, return_dict=True)
-        else:
+        mixed = getattr(self.train_model, "training_forward", None) if self.training else None
+        with mixed() if mixed is not None else contextlib.nullcontext():
             student_out = self(batch, hidden_states=hidden)
         teacher_out = None
         if self.loss.needs_teacher and self.teacher_cache is not None and self.training:
             teacher_out = self.teacher_cache.lookup(batch, self.device)  # computed once for the whole sweep
         elif self.loss.needs_teacher:
             with torch.no_grad():
-                teacher_out = self.teacher(**self.model_inputs(batch), output_hidden_states=hidden, return_dict=True)
+                teacher_out = self.teacher_outputs(batch, hidden_states=hidden)
         return DistillContext(
             student=student_out, teacher=teacher_out, labels=batch.get("labels"),
             attention_mask=batch.get("attention_mask"),
@@ -142,14 +147,12 @@ class DistillationModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: torchmetrics.MetricCollection, split: str,
                    add_dataloader_idx: bool = True) -> None:
-        logits = self(batch).logits
+        outputs = self(batch)
         labels = batch["labels"]
-        if self.regression:
-            preds = logits.squeeze(-1).float()
-            loss = nn.functional.mse_loss(preds, labels.float())
-        else:
-            preds = logits.argmax(-1)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+        # the evaluation loss is the task term itself (CE, or MSE for one output), not a second copy of it
+        loss = self.loss.task_term(DistillContext(student=outputs, labels=labels))
+        logits = outputs.logits
+        preds = logits.squeeze(-1).float() if self.regression else logits.argmax(-1)
         metrics.update(preds, labels)
         self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0], add_dataloader_idx=add_dataloader_idx,
                  sync_dist=True)  # mean over ranks: DDP reports the loss of the whole split

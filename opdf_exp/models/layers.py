@@ -14,7 +14,8 @@ import torch.nn as nn
 from opdf_exp.errors import ConfigError
 from opdf_exp.utils.layer_map import uniform_layer_map as shared_uniform_layer_map
 
-# Searched in order; the first attribute path that exists and is a ModuleList wins.
+# Searched in order; the first attribute path that exists and is a ModuleList (or a Sequential, as timm's ViT
+# ``blocks``) wins.
 LAYER_STACK_PATHS = (
     "bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer", "encoder.layer",
     "distilbert.transformer.layer", "model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
@@ -34,7 +35,7 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(path, ModuleList)`` of the model's repeated blocks."""
     for path in LAYER_STACK_PATHS:
         found = _get(model, path)
-        if isinstance(found, nn.ModuleList) and len(found) > 0:
+        if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
             return path, found
     raise ConfigError(f"cannot find the layer stack of {type(model).__name__}; "
                       f"it has none of {', '.join(LAYER_STACK_PATHS)}")
@@ -80,7 +81,8 @@ def student_from_teacher(teacher: nn.Module, num_layers: int | None = None,
     parent_path, _, attr = path.rpartition(".")
     parent = _get(student, parent_path) if parent_path else student
     old_stack = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([old_stack[i] for i in keep]))
+    kept = [old_stack[i] for i in keep]
+    setattr(parent, attr, nn.Sequential(*kept) if isinstance(old_stack, nn.Sequential) else nn.ModuleList(kept))
     for new_index, block in enumerate(getattr(parent, attr)):
         for module in block.modules():
             if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
@@ -92,10 +94,22 @@ def student_from_teacher(teacher: nn.Module, num_layers: int | None = None,
                 setattr(config, key, len(keep))
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = [config.layer_types[i] for i in keep]
+    _renumber_timm_features(student, path, keep)
     student.distill_teacher_layers = list(keep)  # read by layer-mapped losses; not part of the state dict
     for param in student.parameters():
         param.requires_grad_(True)
     return student
+
+
+def _renumber_timm_features(model: nn.Module, path: str, keep: Sequence[int]) -> None:
+    """A timm model lists its feature modules (``feature_info``) and the arguments that rebuild it; a shallower
+    copy must say ``blocks.0..k-1`` and ``depth=k`` so features, export and ``timm.create_model`` agree."""
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info and all(str(e.get("module", "")).startswith(path + ".") for e in info):
+        model.feature_info = [dict(info[i], module=f"{path}.{j}") for j, i in enumerate(keep)]
+    create_args = getattr(model, "opdf_create_args", None)
+    if isinstance(create_args, dict):
+        model.opdf_create_args = {**create_args, "kwargs": {**create_args.get("kwargs", {}), "depth": len(keep)}}
 
 
 def freeze_parameters(model: nn.Module, patterns: Sequence[str] | None) -> int:

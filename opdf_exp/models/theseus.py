@@ -113,18 +113,28 @@ class TheseusModel(nn.Module):
         parent = self.successor.get_submodule(parent_path) if parent_path else self.successor
         own = getattr(parent, attr)
         mixed = [own[i] if use_student else self.predecessor_groups[i] for i, use_student in enumerate(replaced)]
-        parent._modules[attr] = nn.ModuleList(mixed)  # swap without re-registering parameters
+        # swap without re-registering parameters; a Sequential stack (timm) stays callable as one module
+        parent._modules[attr] = nn.Sequential(*mixed) if isinstance(own, nn.Sequential) else nn.ModuleList(mixed)
         try:
             yield
         finally:
             parent._modules[attr] = own
 
-    def forward(self, **inputs):
+    @contextlib.contextmanager
+    def training_forward(self) -> Iterator[None]:
+        """Within this context the successor (the student) runs with this step's mixed blocks; the training step
+        calls the student through its own adapter inside it, so any model family trains the same way."""
         if not self.training:
-            return self.successor(**inputs)
+            yield
+            return
         replaced = self.replaced()
         self.last_replaced = replaced
         if all(replaced):
-            return self.successor(**inputs)
+            yield
+            return
         with self._mixed_stack(replaced):
-            return self.successor(**inputs)
+            yield
+
+    def forward(self, *args, **inputs):
+        with self.training_forward():
+            return self.successor(*args, **inputs)

@@ -39,7 +39,9 @@ from opdf_exp.distill.terms import TaskLoss, TensorAlignment
 from opdf_exp.errors import ConfigError
 from opdf_exp.hub import resolve_model_path
 from opdf_exp.lit.module import DistillationModule
+from opdf_exp.models.io import save_model
 from opdf_exp.models.layers import freeze_parameters
+from opdf_exp.models.timm_models import check_class_count
 from opdf_exp.runner.app import job_overrides
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
@@ -83,9 +85,7 @@ def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     with _quiet_hf_progress():
-        model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        save_model(model, tmp, tokenizer)  # save_pretrained, or timm's folder layout
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -129,8 +129,15 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
         trainer.pop(volatile, None)
     blob = json.dumps({"teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
                        "data": OmegaConf.to_container(cfg.data, resolve=True), "trainer": trainer,
-                       "seed": int(cfg.seed)}, sort_keys=True, default=str)
+                       "seed": _teacher_seed(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _teacher_seed(cfg: DictConfig) -> int:
+    """``teacher.seed`` pins the teacher's fine-tune to one seed, so a sweep over ``seed`` varies only the students
+    (every seed distils the same teacher); null: the job's seed."""
+    seed = cfg.teacher.get("seed")
+    return int(cfg.seed if seed is None else seed)
 
 
 def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.nn.Module, dict[str, float], dict]:
@@ -163,9 +170,14 @@ def _glue_task_name(cfg: DictConfig) -> str | None:
 
 
 def apply_label_mapping(model: torch.nn.Module, splits) -> None:
-    """Store the task's fixed label order in the model config (``id2label``/``label2id``), so every saved
-    teacher and student says which output is which class."""
+    """Store the task's fixed label order in the model config (``id2label``/``label2id``; timm:
+    ``pretrained_cfg['label_names']``), so every saved teacher and student says which output is which class."""
     if splits.problem_type == "regression" or not splits.label_names:
+        return
+    if getattr(model, "config", None) is None:
+        from opdf_exp.models.timm_models import set_label_names
+
+        set_label_names(model, [str(v) for _, v in sorted(splits.id2label.items())])
         return
     model.config.id2label = dict(splits.id2label)
     model.config.label2id = dict(splits.label2id)
@@ -180,7 +192,12 @@ def check_teacher_labels(cfg: DictConfig, teacher: torch.nn.Module, splits) -> N
 
         check_label_mapping(task, teacher.config)
         return
-    names = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher.config.id2label or {}).items())]
+    if getattr(teacher, "config", None) is None:  # timm: class names in pretrained_cfg
+        from opdf_exp.models.timm_models import label_names
+
+        names = label_names(teacher) or []
+    else:
+        names = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher.config.id2label or {}).items())]
     expected = [str(v) for _, v in sorted(splits.id2label.items())] if splits.label_names else []
     generic = all(n.upper().startswith("LABEL_") for n in names)
     if expected and names and not generic and [n.lower() for n in names] != [n.lower() for n in expected]:
@@ -189,11 +206,11 @@ def check_teacher_labels(cfg: DictConfig, teacher: torch.nn.Module, splits) -> N
 
 
 def _load_cached_teacher(cache: Path, cfg: DictConfig):
-    from transformers import AutoModelForSequenceClassification
+    from opdf_exp.models.io import load_classifier_folder
 
     log.info("reusing fine-tuned teacher from %s", cache)
     with _quiet_hf_progress():
-        teacher = AutoModelForSequenceClassification.from_pretrained(cache / "model")
+        teacher = load_classifier_folder(cache / "model")
     saved = json.loads((cache / "teacher.json").read_text())
     return teacher, saved["metrics"], {**saved["info"], "cached": True, "cache_dir": str(cache)}
 
@@ -202,6 +219,8 @@ def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, us
     finetune = cfg.teacher.finetune
     if use_cache and (cache / "teacher.json").is_file():
         return _load_cached_teacher(cache, cfg)
+    if cfg.teacher.get("seed") is not None:  # a pinned teacher seed: the same fine-tune whatever the job's seed
+        pl.seed_everything(_teacher_seed(cfg), workers=True, verbose=False)
     teacher = hydra.utils.instantiate(cfg.teacher.model)
     splits = datamodule.load_splits()
     if finetune.enabled:
@@ -225,8 +244,9 @@ def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, us
     teacher = module.student
     if use_cache and is_global_zero():
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        (tmp / "model").mkdir()
         with _quiet_hf_progress():
-            teacher.save_pretrained(tmp / "model")
+            save_model(teacher, tmp / "model")
         atomic_write_json(tmp / "teacher.json", {"metrics": metrics, "info": info})  # marks the entry done
         if cache.exists():
             shutil.rmtree(cache)
@@ -354,7 +374,11 @@ def teacher_output_cache(cfg: DictConfig, teacher: torch.nn.Module, loss: Distil
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for key in DATA_KEYS_WITHOUT_EFFECT:
         data.get("module", {}).pop(key, None)
-    key = cache_key(fingerprint, data, str(datamodule.tokenizer_path), datamodule.max_length, layers)
+    signature = datamodule.input_signature() if hasattr(datamodule, "input_signature") else None
+    if signature is None:
+        log.info("teacher-output cache off: the training inputs are not deterministic (augmentation)")
+        return None
+    key = cache_key(fingerprint, data, json.dumps(signature, sort_keys=True, default=str), 0, layers)
     path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{key}.safetensors"
     loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False, collate_fn=datamodule._collate)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +429,7 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     method = distill_method(cfg)
     build = hydra.utils.instantiate(cfg.student.model)
     student = build(teacher=teacher)
+    check_class_count(teacher, student)
     freeze_parameters(student, cfg.student.get("freeze"))
     method.check(student=student, teacher=teacher, problem_type=splits.problem_type)
     decomposition = cfg.decomposition
@@ -468,7 +493,7 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
                                "params": _count(module.student)}
     if cfg.get("save_student", True) and not trainer.fast_dev_run:
         folder = Path(cfg.paths.output_dir) / "students" / name
-        _save_pretrained_atomic(module.student, datamodule.tokenizer, folder)
+        _save_pretrained_atomic(module.student, getattr(datamodule, "tokenizer", None), folder)
         row["saved_to"] = str(folder)
     return row
 
@@ -484,7 +509,8 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     # Resolve hub assets now, so an offline machine fails in seconds, before any training.
     if "name_or_path" in cfg.teacher.model:
         resolve_model_path(cfg.teacher.model.name_or_path, override_key="teacher.model.name_or_path")
-    datamodule.tokenizer  # noqa: B018
+    if hasattr(datamodule, "tokenizer"):
+        datamodule.tokenizer  # noqa: B018  (a text model's tokenizer: offline hub ids fail here)
     student_builder = cfg.student.model
     if student_builder.get("_target_") == "opdf_exp.models.pretrained_student":  # before the teacher trains
         from opdf_exp.models.hf import check_student_vocabulary
