@@ -305,8 +305,11 @@ def _decomposition_kwargs(decomposition: DictConfig) -> dict[str, Any]:
             else decomposition[k] for k in keys if k in decomposition}
 
 
-def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
-    """Decompose a copy of the teacher with the same shapes and pair its tensors with the student's."""
+def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+                      on_mismatch: str | None = None) -> torch.nn.Module:
+    """Decompose a copy of the teacher with the same shapes and pair its tensors with the student's.
+    ``on_mismatch`` overrides ``decomposition.align.on_mismatch`` (the subquadratic task skips the token mixers,
+    which have no teacher counterpart)."""
     from opdf_exp.mpo import TensorAlignmentLoss, apply_decomposition
 
     align = cfg.decomposition.align
@@ -320,7 +323,7 @@ def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.
     elif layer_map == "uniform":
         layer_map = None
     return TensorAlignmentLoss(student, teacher_mpo, layer_map=layer_map, indices=align.indices,
-                               on_mismatch=align.on_mismatch)
+                               on_mismatch=on_mismatch or align.on_mismatch)
 
 
 DATA_KEYS_WITHOUT_EFFECT = ("batch_size", "eval_batch_size", "num_workers")  # do not change the teacher's outputs
