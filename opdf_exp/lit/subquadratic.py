@@ -45,7 +45,7 @@ class _StageModule(pl.LightningModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lr: float = 2e-4, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), warmup_ratio: float = 0.1, scheduler: str = "cosine", min_lr_ratio: float = 0.0,
-                 gradient_clip: float = 1.0, log_prefix: str = ""):
+                 decay_ratio: float = 0.1, gradient_clip: float = 1.0, log_prefix: str = ""):
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "align"])
         self.student, self.teacher = student, teacher
@@ -70,7 +70,8 @@ class _StageModule(pl.LightningModule):
         holder = nn.ParameterList(params)
         optimizer = adamw([holder], hp.lr, hp.weight_decay, tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio)
+        return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio,
+                             hp.decay_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

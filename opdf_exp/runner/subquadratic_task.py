@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 STAGE_MODULES = {"attention_transfer": "AttentionTransferModule", "hidden_alignment": "HiddenAlignmentModule",
                  "end_to_end": "EndToEndKDModule"}
-OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_ratio", "scheduler", "min_lr_ratio", "gradient_clip")
+OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_ratio", "scheduler", "min_lr_ratio", "decay_ratio",
+              "gradient_clip")
 
 
 def _plain(value: Any) -> Any:
