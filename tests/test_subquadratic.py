@@ -179,3 +179,28 @@ def test_batched_left_padded_generation_matches_one_by_one(teacher, arch, attent
         leaky = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                                  do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     assert not torch.allclose(torch.stack(leaky.scores, 1)[1], scores[1], atol=1e-4)
+
+
+def test_throughput_warms_up_untimed_then_takes_the_best_of_repeats(teacher, monkeypatch):
+    from opdf_exp.subquadratic import evaluate as ev
+
+    student = convert(teacher, "gla").eval()
+    prefills = []
+    student.register_forward_pre_hook(lambda m, a, kw: prefills.append(1) if kw["input_ids"].shape[1] > 1 else None,
+                                      with_kwargs=True)
+    # (prefill s, decode s) per call: the warm-up is the fastest, so counting it would show; the best prefill and
+    # the best decode come from different repeats
+    durations = [(0.1, 0.1), (2.0, 2.0), (1.0, 4.0), (4.0, 1.0)]
+    ticks, now = [], 0.0
+    for prefill, decode in durations:
+        ticks += [now, now + prefill, now + prefill + decode]  # perf_counter at start, after prefill, at the end
+        now += prefill + decode
+    clock = iter(ticks)
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: next(clock))
+    out = ev.throughput(student, prompt_len=8, decode_steps=2, repeats=3)
+    assert len(prefills) == 1 + 3
+    assert out == {"prefill_tokens_per_s": 8.0, "decode_tokens_per_s": 2.0}
+    prefills.clear()
+    monkeypatch.setattr(ev.time, "perf_counter", iter(range(100)).__next__)
+    ev.throughput(student, prompt_len=8, decode_steps=2, repeats=2, warmup=False)
+    assert len(prefills) == 2

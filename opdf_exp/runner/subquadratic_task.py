@@ -274,7 +274,7 @@ def evaluate(model, teacher, tokenizer, held_out: torch.Tensor, eval_cfg: dict, 
     tp = eval_cfg.get("throughput") or {}
     if tp:
         out.update(ev.throughput(model, int(tp.get("prompt_len", 128)), int(tp.get("decode_steps", 32)),
-                                 repeats=int(tp.get("repeats", 1))))
+                                 repeats=int(tp.get("repeats", 1)), warmup=bool(tp.get("warmup", True))))
     for t in eval_cfg.get("state_bytes_at", [512, 4096]):
         out[f"state_bytes_T{int(t)}"] = ev.state_bytes(model, int(t))
     pk = eval_cfg.get("passkey") or {}
