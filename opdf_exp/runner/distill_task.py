@@ -306,14 +306,18 @@ def _decomposition_kwargs(decomposition: DictConfig) -> dict[str, Any]:
 
 
 def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module,
-                      on_mismatch: str | None = None) -> torch.nn.Module:
+                      on_mismatch: str | None = None, decompose_teacher: bool = True) -> torch.nn.Module:
     """Decompose a copy of the teacher with the same shapes and pair its tensors with the student's.
-    ``on_mismatch`` overrides ``decomposition.align.on_mismatch`` (the subquadratic task skips the token mixers,
-    which have no teacher counterpart)."""
+
+    ``on_mismatch`` overrides ``decomposition.align.on_mismatch``. ``decompose_teacher=False`` hands the plain
+    teacher to ``TensorAlignmentLoss``, which decomposes only the matrices paired with a student MPO layer, with
+    that layer's factors and gauge: the subquadratic task uses it because its student (token mixers) and teacher
+    (attention) do not share the decomposition targets."""
     from opdf_exp.mpo import TensorAlignmentLoss, apply_decomposition
 
     align = cfg.decomposition.align
-    teacher_mpo = apply_decomposition(copy.deepcopy(teacher), **_decomposition_kwargs(cfg.decomposition))
+    teacher_mpo = apply_decomposition(copy.deepcopy(teacher), **_decomposition_kwargs(cfg.decomposition)) \
+        if decompose_teacher else teacher
     layer_map = align.get("layer_map")
     if layer_map == "from_student":
         origin = getattr(student, "distill_teacher_layers", None)

@@ -177,8 +177,9 @@ class Stage3Decomposition:
         if not align or float(align.weight) <= 0:
             return {}
         # the token mixers have no teacher counterpart: only same-named, same-shaped matrices (MLPs, kept
-        # attention layers) are aligned; the others are skipped and counted here
-        alignment = _tensor_alignment(self.cfg, student, self.teacher, on_mismatch="skip")
+        # attention layers) are aligned, against the teacher's weights decomposed with the student layer's factors
+        # and gauge; the others are skipped and counted here
+        alignment = _tensor_alignment(self.cfg, student, self.teacher, on_mismatch="skip", decompose_teacher=False)
         self.report["align"] = {"weight": float(align.weight), "pairs": len(alignment.pairs),
                                 "layers": len({p.student for p in alignment.pairs}),
                                 "skipped": len(alignment.skipped)}
