@@ -179,6 +179,8 @@ class Stage3Decomposition:
         # the token mixers have no teacher counterpart: only same-named, same-shaped matrices (MLPs, kept
         # attention layers) are aligned, against the teacher's weights decomposed with the student layer's factors
         # and gauge; the others are skipped and counted here
+        if str(align.get("on_mismatch", "skip")) == "error":
+            log.info("stage 3: decomposition.align.on_mismatch=error is read as skip (mixers have no teacher matrix)")
         alignment = _tensor_alignment(self.cfg, student, self.teacher, on_mismatch="skip", decompose_teacher=False)
         self.report["align"] = {"weight": float(align.weight), "pairs": len(alignment.pairs),
                                 "layers": len({p.student for p in alignment.pairs}),
