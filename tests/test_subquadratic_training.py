@@ -139,3 +139,36 @@ def test_transformer_student_runs_the_same_pipeline(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["stages"]["attention_transfer"]["skipped"] == "no token-mixer layers"
     assert result["stages"]["end_to_end"]["steps"] > 0
+
+
+@pytest.mark.parametrize("decomposition,attention_layers", [("mpo", []), ("svd", [1])])
+def test_subquadratic_task_with_mpo_exports_dense(tmp_path, decomposition, attention_layers):
+    """decomposition=mpo: MPO during stage 3 only (mixer + MLP matrices, with tensor alignment on the MLPs, the
+    mixers skipped), contracted to dense before evaluation; the saved student reloads with the dense count."""
+    from opdf_exp.runner.app import run_task
+
+    overrides = ["task=subquadratic", "teacher=tiny_llama", "student=subquadratic/gla", "data=lm_bbc",
+                 "callbacks=none", "trainer=cpu", "trainer.max_steps=-1", "trainer.enable_progress_bar=false",
+                 "logger=none", "data.max_train_tokens=1500", "data.block_size=32", "data.batch_size=4",
+                 "optimized_metric=null", "task.stages.splits=0|0|1", "task.evaluation.teacher=false",
+                 "task.evaluation.max_blocks=1", "task.evaluation.throughput={}",
+                 "task.evaluation.passkey.context_tokens=[]", "task.evaluation.mqar={}",
+                 "task.stages.end_to_end.max_steps=6", "task.num_threads=1", f"decomposition={decomposition}",
+                 f"student.attention_layers={attention_layers}"]
+    with compose_job(overrides, tmp_path) as cfg:
+        run_task(cfg)
+    result = json.loads((tmp_path / "results.json").read_text())
+    dec = result["decomposition"]
+    assert dec["kind"] == decomposition and result["stages"]["end_to_end"]["steps"] > 0
+    # a GLA layer: q/k/v/o, gk_proj (2), g_proj and the 3 MLP matrices; a kept attention layer: q/k/v/o and the
+    # MLP; never embeddings or the head. The MLPs and kept attention align with the teacher, the mixers cannot
+    kept = len(attention_layers)
+    assert dec["matrices"] == (2 - kept) * 10 + kept * 7
+    assert dec["align"]["layers"] == 2 * 3 + kept * 4 and dec["align"]["skipped"] > 0
+    assert dec["params_train_time"] > dec["params_before"] == dec["params_dense_export"] == dec["params_inference"]
+    assert dec["max_logit_diff"] < 1e-4 * max(1.0, dec["max_abs_logit"])
+    assert result["params"]["student"] == dec["params_dense_export"] == result["params"]["student_inference"]
+    assert result["stages"]["end_to_end"]["end_to_end/train/align"] >= 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert sum(p.numel() for p in reloaded.parameters()) == dec["params_dense_export"]
+    assert not any("tensors" in name for name, _ in reloaded.named_parameters())

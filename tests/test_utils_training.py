@@ -23,6 +23,24 @@ def test_warmup_then_each_decay_by_hand():
     assert [lr_factor(s, 0, 10, "tail_linear") for s in (0, 7, 8, 9, 10)] == [1.0, 1.0, 1.0, 0.5, 0.0]
 
 
+def test_wsd_curve_by_hand():
+    """Warm-up 2 steps, stable, then linear decay over the last 20% of 20 steps to min_ratio 0.1."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = with_schedule(optimizer, 2, 20, "wsd", min_ratio=0.1, decay_ratio=0.2)["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(21):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # steps 0-1 warm up (1/2, 2/2); 2-16 stable; decay starts at 20 - 0.2 * 20 = 16: (20 - s) / 4 of the way
+    expected = [0.5, 1.0] + [1.0] * 14 + [1.0, 0.775, 0.55, 0.325, 0.1]
+    assert lrs == pytest.approx([2.0 * f for f in expected])
+    # the decay never starts inside the warm-up; a bad decay_ratio fails before training
+    assert [lr_factor(s, 4, 5, "wsd", decay_ratio=0.5) for s in (3, 4, 5)] == [1.0, 1.0, 0.0]
+    with pytest.raises(ConfigError, match="decay_ratio=0.0 must be in"):
+        with_schedule(optimizer, 2, 20, "wsd", decay_ratio=0.0)
+
+
 def test_unknown_schedule_fails_before_training():
     with pytest.raises(ConfigError, match="schedule 'cosin' is unknown"):
         with_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 5, 10, "cosin")

@@ -8,7 +8,8 @@ notes/subquadratic.md §4) as LightningModules. Trainers come from ``runner/trai
 2. ``HiddenAlignmentModule``: per layer, the whole student layer reads the teacher's hidden state h_l and matches
    h_{l+1} with the un-squared L2 norm per token (mean over real tokens); the last target is the residual stream
    before the final norm.
-3. ``EndToEndKDModule``: CE on the next token + KL(teacher || student) over the vocabulary at temperature T.
+3. ``EndToEndKDModule``: CE on the next token + KL(teacher || student) over the vocabulary at temperature T,
+   plus, for an MPO-over-parameterized student (OPDF), an optional tensor-alignment term (``align``).
 
 Why manual optimisation in stages 1 and 2: layers are independent given the teacher's activations, so each
 layer's loss is back-propagated as soon as it is computed; only one layer's activations (teacher and student)
@@ -44,9 +45,9 @@ class _StageModule(pl.LightningModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lr: float = 2e-4, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), warmup_ratio: float = 0.1, scheduler: str = "cosine", min_lr_ratio: float = 0.0,
-                 gradient_clip: float = 1.0, log_prefix: str = ""):
+                 decay_ratio: float = 0.1, gradient_clip: float = 1.0, log_prefix: str = ""):
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.save_hyperparameters(ignore=["student", "teacher", "align"])
         self.student, self.teacher = student, teacher
         teacher.eval().requires_grad_(False)
         if self.manual:
@@ -69,7 +70,8 @@ class _StageModule(pl.LightningModule):
         holder = nn.ParameterList(params)
         optimizer = adamw([holder], hp.lr, hp.weight_decay, tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio)
+        return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio,
+                             hp.decay_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
@@ -217,13 +219,15 @@ def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_
 
 
 class EndToEndKDModule(_StageModule):
-    """Stage 3: ``ce_weight * CE + kl_weight * KL``; ``freeze`` names parts that stay fixed (``mlp``,
-    ``embeddings``, ``head``, ``norms``)."""
+    """Stage 3: ``ce_weight * CE + kl_weight * KL [+ align_weight * align()]``; ``freeze`` names parts that stay
+    fixed (``mlp``, ``embeddings``, ``head``, ``norms``). ``align`` is a parameter-free module returning a scalar
+    from the student's live parameters (OPDF's ``TensorAlignmentLoss``); it is logged as ``align``."""
 
     FREEZABLE = ("mlp", "embeddings", "head", "norms")
 
     def __init__(self, student, teacher, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
-                 temperature: float = 1.0, kl_reduction: str = "token_mean", freeze=(), **optim):
+                 temperature: float = 1.0, kl_reduction: str = "token_mean", freeze=(),
+                 align: nn.Module | None = None, align_weight: float = 0.0, **optim):
         unknown = sorted(set(freeze) - set(self.FREEZABLE))
         if unknown:
             raise ConfigError(f"stage-3 freeze has {unknown}; freezable parts: {list(self.FREEZABLE)}")
@@ -231,6 +235,7 @@ class EndToEndKDModule(_StageModule):
             raise ConfigError(f"kl_reduction={kl_reduction!r} is unknown; use one of {list(KL_REDUCTIONS)}")
         super().__init__(student, teacher, **optim)
         self.frozen = tuple(freeze)
+        self.align = align if align is not None and align_weight > 0 else None
 
     def trainable_parameters(self):
         def frozen(name: str) -> bool:
@@ -247,13 +252,19 @@ class EndToEndKDModule(_StageModule):
         s = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         hp = self.hparams
         ce, kl, _ = kd_losses(s, t, ids, mask, hp.temperature, hp.kl_reduction)
-        return hp.ce_weight * ce + hp.kl_weight * kl, ce, kl
+        extra = {"ce": ce.detach(), "kl": kl.detach()}
+        total = hp.ce_weight * ce + hp.kl_weight * kl
+        if self.align is not None:
+            align = self.align()
+            total = total + hp.align_weight * align
+            extra["align"] = align.detach()
+        return total, extra
 
     def training_step(self, batch, batch_idx):
-        total, ce, kl = self._losses(batch)
-        self._log("train", total, batch["input_ids"].shape[0], ce=ce.detach(), kl=kl.detach())
+        total, extra = self._losses(batch)
+        self._log("train", total, batch["input_ids"].shape[0], **extra)
         return total
 
     def validation_step(self, batch, batch_idx):
-        total, ce, kl = self._losses(batch)
-        self._log("val", total, batch["input_ids"].shape[0], ce=ce, kl=kl)
+        total, extra = self._losses(batch)
+        self._log("val", total, batch["input_ids"].shape[0], **extra)

@@ -33,11 +33,15 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "vit": ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"],
     "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
               "mlp.up_proj", "mlp.down_proj"],
+    # the subquadratic student (opdf_exp.subquadratic): a Llama whose self_attn is a token mixer. "self_attn.*"
+    # takes every nn.Linear under it: the mixers' projections and gates, and q/k/v/o of kept attention layers
+    "subquadratic": ["self_attn.*", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
 # transformers model_type -> family (encoders sharing BERT's module names, decoders sharing Llama's).
 _MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert",
                 "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-                "gemma2": "llama", "olmo": "llama", "vit": "vit"}
+                "gemma2": "llama", "olmo": "llama", "vit": "vit",
+                "opdf_subquadratic_llama": "subquadratic"}
 _LAYOUTS = ("balanced", "ends")
 
 
@@ -117,7 +121,7 @@ def _normalize_factors(factors: Mapping | None, n: int | None) -> dict[int, list
 
 # --------------------------------------------------------------------------------------------------- targets
 def detect_family(model: nn.Module) -> str | None:
-    """'bert' | 'vit' | 'llama' from ``config.model_type`` or, failing that, from module names."""
+    """'bert' | 'vit' | 'llama' | 'subquadratic' from ``config.model_type`` or, failing that, from module names."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if isinstance(model_type, str) and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]

@@ -325,12 +325,19 @@ def _decomposition_kwargs(decomposition: DictConfig) -> dict[str, Any]:
             else decomposition[k] for k in keys if k in decomposition}
 
 
-def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
-    """Decompose a copy of the teacher with the same shapes and pair its tensors with the student's."""
+def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+                      on_mismatch: str | None = None, decompose_teacher: bool = True) -> torch.nn.Module:
+    """Decompose a copy of the teacher with the same shapes and pair its tensors with the student's.
+
+    ``on_mismatch`` overrides ``decomposition.align.on_mismatch``. ``decompose_teacher=False`` hands the plain
+    teacher to ``TensorAlignmentLoss``, which decomposes only the matrices paired with a student MPO layer, with
+    that layer's factors and gauge: the subquadratic task uses it because its student (token mixers) and teacher
+    (attention) do not share the decomposition targets."""
     from opdf_exp.mpo import TensorAlignmentLoss, apply_decomposition
 
     align = cfg.decomposition.align
-    teacher_mpo = apply_decomposition(copy.deepcopy(teacher), **_decomposition_kwargs(cfg.decomposition))
+    teacher_mpo = apply_decomposition(copy.deepcopy(teacher), **_decomposition_kwargs(cfg.decomposition)) \
+        if decompose_teacher else teacher
     layer_map = align.get("layer_map")
     if layer_map == "from_student":
         origin = getattr(student, "distill_teacher_layers", None)
@@ -340,7 +347,7 @@ def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.
     elif layer_map == "uniform":
         layer_map = None
     return TensorAlignmentLoss(student, teacher_mpo, layer_map=layer_map, indices=align.indices,
-                               on_mismatch=align.on_mismatch)
+                               on_mismatch=on_mismatch or align.on_mismatch)
 
 
 DATA_KEYS_WITHOUT_EFFECT = ("batch_size", "eval_batch_size", "num_workers")  # do not change the teacher's outputs

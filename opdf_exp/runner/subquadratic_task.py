@@ -3,6 +3,9 @@
 One job = one teacher, one student (``student=subquadratic/<mixer>`` or ``student=transformer``), the stages of
 ``task.stages`` on disjoint slices of the training blocks, then the evaluation of ``task.evaluation`` for the
 student and the teacher, written to ``results.json`` (metrics ``student/...`` and ``teacher/...``) and a table.
+With ``decomposition=mpo`` (or ``svd``) the student is over-parameterized as an MPO for stage 3 only (OPDF), with
+the optional tensor alignment against the teacher, and contracted back to dense before evaluation and saving
+(``Stage3Decomposition``).
 The runner is the only layer that reads the config: everything below it takes plain arguments.
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ log = logging.getLogger(__name__)
 
 STAGE_MODULES = {"attention_transfer": "AttentionTransferModule", "hidden_alignment": "HiddenAlignmentModule",
                  "end_to_end": "EndToEndKDModule"}
-OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_ratio", "scheduler", "min_lr_ratio", "gradient_clip")
+OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_ratio", "scheduler", "min_lr_ratio", "decay_ratio",
+              "gradient_clip")
 
 
 def _plain(value: Any) -> Any:
@@ -89,10 +93,11 @@ def load_blocks(data_cfg: DictConfig, tokenizer):
                           data_cfg.get("max_train_tokens"))
 
 
-def _stage_module(name: str, student, teacher, stage_cfg: dict, prefix: str):
+def _stage_module(name: str, student, teacher, stage_cfg: dict, prefix: str, **extra):
     from opdf_exp.lit import subquadratic as lit
 
     options = {k: v for k, v in stage_cfg.items() if k not in ("max_steps", "epochs")}
+    options.update(extra)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
     return getattr(lit, STAGE_MODULES[name])(student, teacher, log_prefix=prefix, **options)
@@ -135,10 +140,87 @@ def fidelity_report(student, teacher, blocks: torch.Tensor, output_dir: Path | N
     return fidelity
 
 
+class Stage3Decomposition:
+    """OPDF inside the subquadratic pipeline: MPO over-parameterization during stage 3 (end-to-end KD) only.
+
+    Why only stage 3: stages 1 and 2 train the mixers layer by layer from the teacher's activations (a
+    different objective, and the stage-1 ``materialize`` path reads mixer weights directly); OPDF's claim is about
+    the optimisation of the full student under KD. Why contract before evaluation: every number reported and the
+    saved checkpoint are then the deployable dense model (``AutoModelForCausalLM`` reloads it, dense parameter
+    count); ``export`` measures the MPO -> dense logit difference on a held-out batch to show nothing changed.
+    Reuses the distillation task's pieces (``_decomposition_kwargs``, ``_tensor_alignment``).
+    """
+
+    def __init__(self, cfg: DictConfig, teacher, probe: torch.Tensor):
+        self.cfg, self.teacher, self.probe = cfg, teacher, probe
+        self.kind = str(cfg.decomposition.kind)
+        self.report: dict[str, Any] = {"kind": self.kind}
+        self._logits: torch.Tensor | None = None
+
+    def apply(self, student) -> dict[str, Any]:
+        """Decompose ``student`` in place; returns the extra ``EndToEndKDModule`` options (alignment term)."""
+        from opdf_exp.mpo import apply_decomposition, count_params, mpo_layers
+        from opdf_exp.runner.distill_task import _decomposition_kwargs, _tensor_alignment
+
+        dense_params = sum(p.numel() for p in student.parameters())
+        started = time.perf_counter()
+        apply_decomposition(student, **_decomposition_kwargs(self.cfg.decomposition))
+        layers = mpo_layers(student)
+        counts = count_params(student)
+        self.report.update({"matrices": len(layers), "seconds": round(time.perf_counter() - started, 2),
+                            "params_before": int(dense_params),
+                            "params_train_time": int(sum(p.numel() for p in student.parameters())),
+                            "params_trainable": int(counts["train"]), "params_inference": int(counts["inference"])})
+        log.info("stage 3: decomposition %s over %d matrices; params %d dense -> %d during training", self.kind,
+                 len(layers), dense_params, self.report["params_train_time"])
+        align = self.cfg.decomposition.get("align")
+        if not align or float(align.weight) <= 0:
+            return {}
+        # the token mixers have no teacher counterpart: only same-named, same-shaped matrices (MLPs, kept
+        # attention layers) are aligned, against the teacher's weights decomposed with the student layer's factors
+        # and gauge; the others are skipped and counted here
+        if str(align.get("on_mismatch", "skip")) == "error":
+            log.info("stage 3: decomposition.align.on_mismatch=error is read as skip (mixers have no teacher matrix)")
+        alignment = _tensor_alignment(self.cfg, student, self.teacher, on_mismatch="skip", decompose_teacher=False)
+        self.report["align"] = {"weight": float(align.weight), "pairs": len(alignment.pairs),
+                                "layers": len({p.student for p in alignment.pairs}),
+                                "skipped": len(alignment.skipped)}
+        return {"align": alignment, "align_weight": float(align.weight)}
+
+    @torch.no_grad()
+    def _probe_logits(self, student) -> torch.Tensor:
+        device = next(student.parameters()).device
+        was_training = student.training
+        student.eval()
+        ids = self.probe.to(device)
+        logits = student(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+        student.train(was_training)
+        return logits
+
+    def export(self, student) -> dict[str, Any]:
+        """Contract every MPO layer back to dense, in place; records the logit difference and parameter count."""
+        from opdf_exp.mpo import export_dense, mpo_layers
+
+        if not mpo_layers(student):
+            return self.report
+        before = self._probe_logits(student)
+        export_dense(student)
+        after = self._probe_logits(student)
+        self.report.update({"params_dense_export": int(sum(p.numel() for p in student.parameters())),
+                            "probe_tokens": int(self.probe.numel()),
+                            "max_logit_diff": float((before - after).abs().max()),
+                            "max_abs_logit": float(before.abs().max())})
+        log.info("stage 3: MPO student contracted to dense (%d params); max logit difference %.3g",
+                 self.report["params_dense_export"], self.report["max_logit_diff"])
+        return self.report
+
+
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
-               stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None) -> dict[str, Any]:
+               stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None,
+               decomposition: Stage3Decomposition | None = None) -> dict[str, Any]:
     """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule). After stage 1
-    (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``)."""
+    (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``).
+    ``decomposition`` over-parameterizes the student for stage 3 and contracts it back right after."""
     from opdf_exp.data.lm import parse_splits, split_blocks
     from opdf_exp.runner.trainer import build_trainer
 
@@ -161,7 +243,8 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         stage_cfg = dict(stages_cfg.get(name) or {})
         max_steps = stage_cfg.get("max_steps")
         epochs = int(stage_cfg.get("epochs", 1) or 1)
-        module = _stage_module(name, student, teacher, stage_cfg, f"{name}/")
+        extra = decomposition.apply(student) if decomposition is not None and name == "end_to_end" else {}
+        module = _stage_module(name, student, teacher, stage_cfg, f"{name}/", **extra)
         overrides = {"max_steps": int(max_steps) if max_steps else -1, "max_epochs": epochs,
                      "val_check_interval": None, "check_val_every_n_epoch": 1}
         if module.manual:
@@ -173,6 +256,8 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
         report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
                         "seconds": round(time.perf_counter() - started, 2), **metrics}
+        if decomposition is not None and name == "end_to_end":
+            report["decomposition"] = decomposition.export(student)
         student.eval()
     report["student"] = student
     return report
@@ -192,7 +277,7 @@ def evaluate(model, teacher, tokenizer, held_out: torch.Tensor, eval_cfg: dict, 
     tp = eval_cfg.get("throughput") or {}
     if tp:
         out.update(ev.throughput(model, int(tp.get("prompt_len", 128)), int(tp.get("decode_steps", 32)),
-                                 repeats=int(tp.get("repeats", 1))))
+                                 repeats=int(tp.get("repeats", 1)), warmup=bool(tp.get("warmup", True))))
     for t in eval_cfg.get("state_bytes_at", [512, 4096]):
         out[f"state_bytes_T{int(t)}"] = ev.state_bytes(model, int(t))
     pk = eval_cfg.get("passkey") or {}
@@ -256,9 +341,17 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
         return rebuilt
 
     loggers = build_loggers(cfg.get("logger"))
+    decomposition = None
+    if cfg.get("decomposition") is not None and str(cfg.decomposition.kind) != "none":
+        decomposition = Stage3Decomposition(cfg, teacher, data.held_out[: int(cfg.data.batch_size)])
     stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
-                        int(cfg.data.batch_size), loggers, after_stage1) if cfg.get("train", True) else {}
+                        int(cfg.data.batch_size), loggers, after_stage1, decomposition) \
+        if cfg.get("train", True) else {}
     student = stages.pop("student", student)
+    decomposed = stages.pop("decomposition", None)
+    if decomposition is not None and decomposed is None:
+        log.warning("decomposition=%s had no effect: stage 3 (end_to_end) did not run", decomposition.kind)
+        decomposed = {"kind": decomposition.kind, "skipped": "stage 3 (end_to_end) did not run"}
     student.eval()
     eval_cfg = task.get("evaluation") or {}
     rows = {f"student ({student_cfg.get('name', student_cfg['arch'])})":
@@ -275,7 +368,11 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
         log_final(loggers, {k: _plain(v) for k, v in cfg.items() if k != "hydra"}, metrics)
     return {"metrics": metrics, "stages": stages, "layer_fidelity": chosen.get("fidelity", {}),
             "attention_layers": list(student.config.attention_layers or []), "tables": {"subquadratic": table},
-            "params": {"student": rows[next(iter(rows))]["params"]},
+            "params": {"student": rows[next(iter(rows))]["params"],
+                       **({"student_train_time": decomposed["params_train_time"],
+                           "student_inference": decomposed["params_dense_export"]}
+                          if decomposed and "params_dense_export" in decomposed else {})},
+            "decomposition": decomposed or {"kind": "none"},
             "data": {"train_blocks": int(data.train.shape[0]), "held_out_blocks": int(data.held_out.shape[0]),
                      "block_size": int(data.train.shape[1]), "train_documents": len(data.train_docs),
                      "held_out_documents": len(data.held_out_docs)},

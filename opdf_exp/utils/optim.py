@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from opdf_exp.errors import ConfigError
 
-SCHEDULES = ("linear", "cosine", "constant", "tail_linear")
+SCHEDULES = ("linear", "cosine", "constant", "tail_linear", "wsd")
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -39,24 +39,35 @@ def adamw(modules: Iterable[nn.Module], lr: float, weight_decay: float = 0.0,
                              fused=fused or None)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+def _tail_decay(step: int, total: int, start: int, min_ratio: float) -> float:
+    """1 until ``start``, then linear to ``min_ratio`` at ``total``."""
+    remaining = 1.0 if step < start else max(0.0, (total - step) / max(1, total - start))
+    return min_ratio + (1.0 - min_ratio) * remaining
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.0,
+              decay_ratio: float = 0.1) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
 
     Linear warm-up over ``warmup_steps`` (the first step already trains, at 1/warmup of the rate), then:
-    ``linear`` / ``cosine`` decay to ``min_ratio`` at ``total_steps``; ``constant``; or ``tail_linear``, constant
-    until 80% of the steps and then linear to ``min_ratio`` (the usual SAE recipe).
+    ``linear`` / ``cosine`` decay to ``min_ratio`` at ``total_steps``; ``constant``; ``tail_linear``, constant
+    until 80% of the steps and then linear to ``min_ratio`` (the usual SAE recipe); or ``wsd``
+    (warmup-stable-decay, MiniCPM-style, the subquadratic paper's stages 1-2): constant until the last
+    ``decay_ratio`` of ``total_steps`` (never inside the warm-up), then linear to ``min_ratio`` at ``total_steps``.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"learning-rate schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    if schedule == "wsd" and not 0.0 < decay_ratio <= 1.0:
+        raise ConfigError(f"wsd decay_ratio={decay_ratio} must be in (0, 1], e.g. 0.1 for the last 10% of steps")
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     total = max(1, total_steps)
     if schedule == "constant":
         return 1.0
     if schedule == "tail_linear":
-        start = int(0.8 * total)
-        remaining = 1.0 if step < start else max(0.0, (total - step) / max(1, total - start))
-        return min_ratio + (1.0 - min_ratio) * remaining
+        return _tail_decay(step, total, int(0.8 * total), min_ratio)
+    if schedule == "wsd":
+        return _tail_decay(step, total, max(warmup_steps, total - round(decay_ratio * total)), min_ratio)
     if schedule == "linear":
         return min_ratio + (1.0 - min_ratio) * max(0.0, (total - step) / max(1, total - warmup_steps))
     progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
@@ -64,9 +75,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "c
 
 
 def with_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str = "cosine",
-                  min_ratio: float = 0.0) -> dict:
-    """Lightning's ``configure_optimizers`` return value: the optimizer with a per-step :func:`lr_factor`."""
-    lr_factor(0, warmup_steps, total_steps, schedule, min_ratio)  # a bad name fails here, before training
+                  min_ratio: float = 0.0, decay_ratio: float = 0.1) -> dict:
+    """Lightning's ``configure_optimizers`` return value: the optimizer with a per-step :func:`lr_factor`
+    (``decay_ratio`` is read by ``wsd`` only)."""
+    lr_factor(0, warmup_steps, total_steps, schedule, min_ratio, decay_ratio)  # a bad name fails here, before training
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule, min_ratio))
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule, min_ratio, decay_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
