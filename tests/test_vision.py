@@ -245,3 +245,17 @@ def test_tinyvit_imagenet_offline_stops_in_one_line(tmp_path):
     assert proc.returncode != 0
     last = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.strip()][-1]
     assert "data.path" in last or "checkpoint_path" in last, last
+
+
+def test_pretrained_timm_weights_offline_fail_fast_naming_the_local_option(monkeypatch):
+    from opdf_exp.errors import OfflineError
+    from opdf_exp.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        with pytest.raises(OfflineError, match="teacher.model.checkpoint_path=.*pretrained=false") as error:
+            create_timm_classifier("tiny_vit_21m_224.dist_in22k_ft_in1k", 10, pretrained=True)
+        assert "\n" not in str(error.value)
+    finally:
+        hub_reachable.cache_clear()
