@@ -71,7 +71,9 @@ def test_layers_only_depend_downward():
     code = ("import sys, opdf_exp.mpo, opdf_exp.mixers, opdf_exp.geometry.theory, opdf_exp.geometry.toy, "
             "opdf_exp.geometry.sae, opdf_exp.geometry.distill_lm, opdf_exp.geometry.probe, opdf_exp.models, "
             "opdf_exp.distill, opdf_exp.subquadratic, opdf_exp.subquadratic.evaluate, "
-            "opdf_exp.subquadratic.teacher_forcing, opdf_exp.models.causal_lm; "
+            "opdf_exp.subquadratic.teacher_forcing, opdf_exp.models.causal_lm, opdf_exp.models.timm_models, "
+            "opdf_exp.models.io, opdf_exp.distill.adapters, opdf_exp.distill.methods, opdf_exp.distill.lgtm, "
+            "opdf_exp.distill.teacher_cache; "
             "print(sorted(m for m in ('pytorch_lightning', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
