@@ -3,11 +3,12 @@ DataModule that serves them through timm's transforms.
 
 Why the same shape as the text layer: a source returns :class:`ImageSplits` (train / validation / test as lists of
 ``(image, label)`` providers plus class names), independent of transforms, so the teacher fine-tune, every
-student and every seed read the same split; the DataModule resolves the *model's* data config (input size, mean,
-std, interpolation, crop) with ``timm.data.resolve_data_config`` and builds train/eval transforms with
-``timm.data.create_transform``, so a student and a teacher of different families are each fed what they expect.
-Batches are ``{"pixel_values", "labels", "example_index"}``: the model-input key the distillation layer already
-knows (``opdf_exp.distill.model_io``).
+student and every seed read the same split. The DataModule builds train/eval transforms with
+``timm.data.create_transform`` from one data config (input size, mean, std, interpolation, crop: the data config's
+``module`` keys; ``timm.data.resolve_data_config(model=...)`` gives a pretrained model's). Teacher and student see
+the same pixels, so a pretrained teacher's normalisation is the one to set.
+Batches are ``{"pixel_values", "labels", "example_index"}``; timm models read ``pixel_values`` through their
+adapter (``opdf_exp.distill.adapters.TimmAdapter``).
 """
 from __future__ import annotations
 
