@@ -138,12 +138,23 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
             "values": list(values)}
 
 
+def _num(value: float, digits: int = 4, integral: bool = False) -> str:
+    """Counts (parameters, bytes) as integers with thousands separators, large values with one decimal, the rest
+    with ``digits`` decimals (accuracies, losses)."""
+    if integral:
+        return f"{round(value):,}"
+    if abs(value) >= 1000:
+        return f"{value:,.1f}"
+    return f"{value:.{digits}f}"
+
+
 def _fmt(stat: dict | None, digits: int = 4) -> str | None:
     if not stat:
         return None
+    integral = all(float(v).is_integer() for v in stat.get("values", [stat["mean"]])) and abs(stat["mean"]) >= 1000
     if stat["n"] == 1:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+        return _num(stat["mean"], digits, integral)
+    return f"{_num(stat['mean'], digits, integral)} ± {_num(stat['std'], digits)}"
 
 
 def _fmt_ci(stat: dict | None, digits: int = 4) -> str | None:
