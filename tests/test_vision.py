@@ -259,3 +259,15 @@ def test_pretrained_timm_weights_offline_fail_fast_naming_the_local_option(monke
         assert "\n" not in str(error.value)
     finally:
         hub_reachable.cache_clear()
+
+
+def test_top5_accuracy_reads_the_logits():
+    from opdf_exp.lit.module import build_metrics
+
+    metrics = build_metrics("single_label_classification", 6, ["acc", "acc5"])
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0], [9.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    labels = torch.tensor([2, 5])  # top-1 wrong for both; label 2 is 2nd of row 0, label 5 is 2nd of row 1
+    for metric in metrics.values():
+        metric.update(logits if getattr(metric, "reads_scores", False) else logits.argmax(-1), labels)
+    values = metrics.compute()
+    assert values["acc"].item() == 0.0 and values["acc5"].item() == 1.0

@@ -40,11 +40,20 @@ def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torch
         "f1": lambda: (torchmetrics.F1Score(task="binary") if num_labels == 2 else
                        torchmetrics.F1Score(task="multiclass", num_classes=num_labels, average="macro")),
         "mcc": lambda: torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=num_labels),
+        "acc5": lambda: _reads_scores(torchmetrics.Accuracy(task="multiclass", num_classes=num_labels,
+                                                            top_k=min(5, num_labels))),  # ImageNet's top-5
     }
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise ConfigError(f"data.metrics has {unknown}, not available for {problem_type}; use some of {sorted(factories)}")
-    return torchmetrics.MetricCollection({name: factories[name]() for name in names})
+    # no compute groups: top-1 and top-5 accuracy have equal states but are updated with different inputs
+    return torchmetrics.MetricCollection({name: factories[name]() for name in names}, compute_groups=False)
+
+
+def _reads_scores(metric: torchmetrics.Metric) -> torchmetrics.Metric:
+    """Mark a metric that is updated with the logits (top-k) instead of the predicted labels."""
+    metric.reads_scores = True
+    return metric
 
 
 class DistillationModule(pl.LightningModule):
@@ -153,7 +162,8 @@ class DistillationModule(pl.LightningModule):
         loss = self.loss.task_term(DistillContext(student=outputs, labels=labels))
         logits = outputs.logits
         preds = logits.squeeze(-1).float() if self.regression else logits.argmax(-1)
-        metrics.update(preds, labels)
+        for metric in metrics.values():
+            metric.update(logits.float() if getattr(metric, "reads_scores", False) else preds, labels)
         self.log(f"{self.prefix}{split}/loss", loss, batch_size=labels.shape[0], add_dataloader_idx=add_dataloader_idx,
                  sync_dist=True)  # mean over ranks: DDP reports the loss of the whole split
 
