@@ -271,3 +271,29 @@ def test_top5_accuracy_reads_the_logits():
         metric.update(logits if getattr(metric, "reads_scores", False) else logits.argmax(-1), labels)
     values = metrics.compute()
     assert values["acc"].item() == 0.0 and values["acc5"].item() == 1.0
+
+
+def test_image_size_mismatch_between_data_and_model_is_refused_before_training(tmp_path):
+    from opdf_exp.runner.app import run_task
+    from tests.helpers.hydra import compose_job
+
+    overrides = ["+experiment=vision_cpu", *VISION_TINY, "debug=fdr", "data.module.input_size=[3,32,32]"]
+    with compose_job(overrides, tmp_path) as cfg:
+        with pytest.raises(ConfigError, match=r"teacher takes \(28, 28\) images but the data gives \(32, 32\); set "
+                                              r"teacher.model.img_size=32") as error:
+            run_task(cfg)
+    assert "\n" not in str(error.value) and not (tmp_path / "checkpoints").exists()
+
+
+def test_hub_images_offline_fail_fast(monkeypatch):
+    from opdf_exp.data import hub_images
+    from opdf_exp.errors import OfflineError
+    from opdf_exp.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        with pytest.raises(OfflineError, match="data=image_folder with data.path"):
+            hub_images("uoft-cs/cifar10-not-cached")
+    finally:
+        hub_reachable.cache_clear()

@@ -190,3 +190,17 @@ def check_class_count(teacher: nn.Module, student: nn.Module) -> None:
         raise ConfigError(f"the teacher predicts {t} classes but the student {s}; give both the data's classes "
                           "(num_classes / num_labels = data.num_labels)")
 
+
+
+def check_input_size(model: nn.Module, input_size, role: str) -> None:
+    """A ViT-style timm model built for one image size refuses others at its first forward; say so before any
+    training, naming both sizes and the keys that set them."""
+    embed = getattr(model, "patch_embed", None)
+    expected = getattr(embed, "img_size", None)
+    if embed is None or expected is None or not getattr(embed, "strict_img_size", True) \
+            or getattr(embed, "dynamic_img_size", False):
+        return
+    height, width = int(input_size[-2]), int(input_size[-1])
+    if (height, width) != tuple(int(v) for v in expected):
+        raise ConfigError(f"the {role} takes {tuple(expected)} images but the data gives ({height}, {width}); set "
+                          f"{role}.model.img_size={height} or data.module.input_size=[3,{expected[0]},{expected[1]}]")

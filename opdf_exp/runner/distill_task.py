@@ -41,7 +41,7 @@ from opdf_exp.hub import resolve_model_path
 from opdf_exp.lit.module import DistillationModule
 from opdf_exp.models.io import save_model
 from opdf_exp.models.layers import freeze_parameters
-from opdf_exp.models.timm_models import check_class_count
+from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import job_overrides
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
@@ -158,6 +158,18 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
         with FileLock(str(cache) + ".lock"):
             return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
     return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
+
+
+def _check_image_input(model_cfg: DictConfig, datamodule, role: str) -> None:
+    """Before the teacher trains: a timm model built for another image size than the data's is refused in one
+    line (the model is built once here, on the CPU, without weights)."""
+    if not getattr(datamodule, "data_config", None) or "create_timm_classifier" not in str(model_cfg.get("_target_")):
+        return
+    args = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
+            if k not in ("_target_", "pretrained", "checkpoint_path")}
+    from opdf_exp.models.timm_models import create_timm_classifier
+
+    check_input_size(create_timm_classifier(**args), datamodule.data_config["input_size"], role)
 
 
 def _glue_task_name(cfg: DictConfig) -> str | None:
@@ -437,6 +449,8 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     build = hydra.utils.instantiate(cfg.student.model)
     student = build(teacher=teacher)
     check_class_count(teacher, student)
+    if getattr(datamodule, "data_config", None):
+        check_input_size(student, datamodule.data_config["input_size"], "student")
     freeze_parameters(student, cfg.student.get("freeze"))
     method.check(student=student, teacher=teacher, problem_type=splits.problem_type)
     decomposition = cfg.decomposition
@@ -531,6 +545,7 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     # kd_opdf/...), so one dashboard panel compares them and the run's config is the job's, shared by all.
     add_wandb_tags(loggers, [f"experiment:{cfg.task_name}", f"decomposition:{cfg.decomposition.kind}",
                              f"distill:{cfg.distill.get('name', 'custom')}"])
+    _check_image_input(cfg.teacher.model, datamodule, "teacher")
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
     rows = [train_student(vcfg, name, label, prefix[name], teacher, datamodule, loggers) for name, label, vcfg in plan]
