@@ -297,3 +297,31 @@ def test_hub_images_offline_fail_fast(monkeypatch):
             hub_images("uoft-cs/cifar10-not-cached")
     finally:
         hub_reachable.cache_clear()
+
+
+def test_theseus_and_lgtm_run_on_timm_models_through_the_adapter():
+    from opdf_exp.distill.lgtm import lgtm_teacher_gradients
+    from opdf_exp.distill.terms import LogitKL
+    from opdf_exp.models.theseus import TheseusModel
+
+    teacher = tiny_vit(depth=4)
+    student = student_from_teacher(teacher, num_layers=2).eval()
+    with torch.no_grad():
+        for param in student.blocks.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 1])}
+    adapter = adapter_for(student)
+    never = TheseusModel(student, teacher, p0=0.0, k=0.0).train()
+    with never.training_forward():  # every student block replaced by its teacher group: the teacher's function
+        torch.testing.assert_close(adapter.run(student, batch).logits, teacher(batch["pixel_values"]))
+    assert isinstance(student.blocks, torch.nn.Sequential) and len(student.blocks) == 2  # restored
+    torch.testing.assert_close(adapter.run(student, batch).logits, student(batch["pixel_values"]))
+
+    teacher.requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    kd = LogitKL(temperature=1.0, t2_scaling=False)
+    grads = lgtm_teacher_gradients(
+        student, teacher, batch, batch["labels"], batch, batch["labels"],
+        student_objective=lambda s, t: kd(SimpleNamespace(student=s, teacher=t, attention_mask=None)),
+        student_optimizer=optimizer, teacher_lr=1e-3, teacher_alpha=0.5, temperature=1.0)
+    assert len(grads) == len(list(teacher.parameters())) and all(g is not None for g in grads)
