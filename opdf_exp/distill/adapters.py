@@ -238,3 +238,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     if isinstance(model, PreTrainedModel):
         return _HF
     return _KEYWORD
+
+
+def model_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
+    """``model``'s logits for keyword ``inputs`` (``input_ids=...``), through its adapter: the one call the
+    language-model stages (subquadratic, geometry) make, whatever the model family."""
+    return adapter_for(model).run(model, inputs).logits

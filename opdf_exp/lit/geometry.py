@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from opdf_exp.distill.adapters import model_logits
 from opdf_exp.distill.terms import soft_target_kl
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import toy
@@ -176,12 +177,12 @@ class CausalLMModule(_LMBase):
         return self.model
 
     def training_step(self, batch, batch_idx):
-        loss = lm_cross_entropy(self.model(input_ids=batch).logits, batch)
+        loss = lm_cross_entropy(model_logits(self.model, input_ids=batch), batch)
         self.log(f"{self.log_prefix}train/loss", loss.detach(), prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._accumulate({"ce": lm_cross_entropy(self.model(input_ids=batch).logits, batch)})
+        self._accumulate({"ce": lm_cross_entropy(model_logits(self.model, input_ids=batch), batch)})
 
 
 class KDModule(_LMBase):
@@ -205,14 +206,14 @@ class KDModule(_LMBase):
 
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch).logits
-        loss = soft_target_kl(self.student(input_ids=batch).logits, t_logits, self.temperature)
+            t_logits = model_logits(self.teacher, input_ids=batch)
+        loss = soft_target_kl(model_logits(self.student, input_ids=batch), t_logits, self.temperature)
         self.log(f"{self.log_prefix}train/loss", loss.detach(), prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        t_logits = self.teacher(input_ids=batch).logits
-        s_logits = self.student(input_ids=batch).logits
+        t_logits = model_logits(self.teacher, input_ids=batch)
+        s_logits = model_logits(self.student, input_ids=batch)
         self._accumulate({"kd": soft_target_kl(s_logits, t_logits, self.temperature),
                           "kl_t1": soft_target_kl(s_logits, t_logits, 1.0),
                           "ce": lm_cross_entropy(s_logits, batch)})

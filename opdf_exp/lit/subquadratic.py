@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from opdf_exp.distill.adapters import model_logits
 from opdf_exp.errors import ConfigError
 from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
 from opdf_exp.utils.optim import adamw, with_schedule
@@ -248,8 +249,8 @@ class EndToEndKDModule(_StageModule):
     def _losses(self, batch):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         with torch.no_grad():
-            t = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        s = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            t = model_logits(self.teacher, input_ids=ids, attention_mask=mask, use_cache=False)
+        s = model_logits(self.student, input_ids=ids, attention_mask=mask, use_cache=False)
         hp = self.hparams
         ce, kl, _ = kd_losses(s, t, ids, mask, hp.temperature, hp.kl_reduction)
         extra = {"ce": ce.detach(), "kl": kl.detach()}
