@@ -325,3 +325,16 @@ def test_theseus_and_lgtm_run_on_timm_models_through_the_adapter():
         student_objective=lambda s, t: kd(SimpleNamespace(student=s, teacher=t, attention_mask=None)),
         student_optimizer=optimizer, teacher_lr=1e-3, teacher_alpha=0.5, temperature=1.0)
     assert len(grads) == len(list(teacher.parameters())) and all(g is not None for g in grads)
+
+
+def test_null_data_config_entries_come_from_the_teacher(tmp_path):
+    from opdf_exp.data import ImageClassificationDataModule
+    from opdf_exp.data import image_folder as folder_source
+
+    root = image_folder(tmp_path)
+    dm = ImageClassificationDataModule(lambda: folder_source(str(root)), input_size=None, mean=None, std=None,
+                                       interpolation=None, crop_pct=None, train_augment=False, batch_size=4)
+    resolved = dm.adopt_model_data_config(tiny_vit())  # a ViT rebuilt at 32x32 (its pretrained cfg says 224)
+    assert resolved["input_size"] == (3, 32, 32) and resolved["mean"] == (0.5, 0.5, 0.5)
+    assert resolved["interpolation"] == "bicubic" and resolved["crop_pct"] == 0.9
+    assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (4, 3, 32, 32)

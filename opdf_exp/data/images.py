@@ -221,9 +221,10 @@ class ImageClassificationDataModule(ClassificationDataModule):
     ``timm.data.Mixup`` (labels become class probabilities, smoothed by ``label_smoothing``; batches are kept even).
     ``limit_*`` caps splits for quick runs."""
 
-    def __init__(self, source: Callable[[], ImageSplits], input_size: Sequence[int] = (3, 224, 224),
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 interpolation: str = "bicubic", crop_pct: float = 0.875, train_augment: bool = True,
+    def __init__(self, source: Callable[[], ImageSplits], input_size: Sequence[int] | None = (3, 224, 224),
+                 mean: Sequence[float] | None = (0.485, 0.456, 0.406),
+                 std: Sequence[float] | None = (0.229, 0.224, 0.225), interpolation: str | None = "bicubic",
+                 crop_pct: float | None = 0.875, train_augment: bool = True,
                  auto_augment: str | None = None, batch_size: int = 64, eval_batch_size: int | None = None,
                  num_workers: int = 0, limit_train_examples: int | None = None, limit_eval_examples: int | None = None,
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mixup_prob: float = 1.0,
@@ -241,11 +242,35 @@ class ImageClassificationDataModule(ClassificationDataModule):
             if batch_size % 2:
                 raise ConfigError(f"mixup/cutmix pair examples within a batch; batch_size={batch_size} must be even")
             self.drop_last_train = True
-        self.data_config = {"input_size": tuple(input_size), "mean": tuple(mean), "std": tuple(std),
-                            "interpolation": interpolation, "crop_pct": float(crop_pct)}
+        # None: taken from the teacher (adopt_model_data_config), e.g. a pretrained model's normalisation
+        self.data_config = {"input_size": None if input_size is None else tuple(input_size),
+                            "mean": None if mean is None else tuple(mean), "std": None if std is None else tuple(std),
+                            "interpolation": interpolation, "crop_pct": None if crop_pct is None else float(crop_pct)}
         self.train_augment, self.auto_augment = train_augment, auto_augment
 
+    def adopt_model_data_config(self, model) -> dict:
+        """Fill the data-config entries left None from ``model``'s (``timm.data.resolve_model_data_config``: its
+        pretrained normalisation, interpolation and crop); a ViT built for another image size gives that size,
+        not its pretrained default. Returns the resolved config."""
+        from timm.data import resolve_model_data_config
+
+        resolved = dict(resolve_model_data_config(model))
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            resolved["input_size"] = (3, int(img_size[0]), int(img_size[1]))
+        for key, value in self.data_config.items():
+            if value is None and key in resolved:
+                self.data_config[key] = tuple(resolved[key]) if isinstance(resolved[key], (list, tuple)) else resolved[key]
+        return dict(self.data_config)
+
     def transforms(self, training: bool):
+        missing = [k for k, v in self.data_config.items() if v is None]
+        if missing:  # no model was adopted (a Python caller): timm's ImageNet defaults
+            from timm.data import resolve_data_config
+
+            defaults = resolve_data_config({})
+            for key in missing:
+                self.data_config[key] = defaults[key]
         from timm.data import create_transform
 
         if training and self.train_augment:

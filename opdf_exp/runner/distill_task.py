@@ -161,15 +161,18 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
 
 
 def _check_image_input(model_cfg: DictConfig, datamodule, role: str) -> None:
-    """Before the teacher trains: a timm model built for another image size than the data's is refused in one
-    line (the model is built once here, on the CPU, without weights)."""
+    """Before the teacher trains: the data-config entries left null come from the timm teacher (its normalisation,
+    interpolation, crop, image size), and a model built for another image size than the data's is refused in one
+    line. The model is built once here, on the CPU, without weights."""
     if not getattr(datamodule, "data_config", None) or "create_timm_classifier" not in str(model_cfg.get("_target_")):
         return
     args = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
             if k not in ("_target_", "pretrained", "checkpoint_path")}
     from opdf_exp.models.timm_models import create_timm_classifier
 
-    check_input_size(create_timm_classifier(**args), datamodule.data_config["input_size"], role)
+    model = create_timm_classifier(**args)
+    log.info("image inputs: %s", datamodule.adopt_model_data_config(model))
+    check_input_size(model, datamodule.data_config["input_size"], role)
 
 
 def _glue_task_name(cfg: DictConfig) -> str | None:
