@@ -240,11 +240,14 @@ def test_tinyvit_imagenet_fast_dev_run_on_a_generated_image_folder(tmp_path):
 def test_tinyvit_imagenet_offline_stops_in_one_line(tmp_path):
     from tests.test_train import run_cli
 
-    proc = run_cli(["+experiment=tinyvit_imagenet", "trainer=cpu", f"hydra.run.dir={tmp_path}/run"], tmp_path,
-                   timeout=120, HF_HUB_OFFLINE="1")
-    assert proc.returncode != 0
-    last = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.strip()][-1]
-    assert "data.path" in last or "checkpoint_path" in last, last
+    for extra, fix in (([], "set data.path="),  # the hub dataset first, then the teacher's hub weights
+                       ([f"data.path={image_folder(tmp_path / 'images')}", "data.num_labels=3"],
+                        "set teacher.model.checkpoint_path=")):
+        proc = run_cli(["+experiment=tinyvit_imagenet", "trainer=cpu", f"hydra.run.dir={tmp_path}/run", *extra],
+                       tmp_path, timeout=120, HF_HUB_OFFLINE="1")
+        assert proc.returncode == 2
+        last = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.strip()][-1]
+        assert last.startswith("error: ") and fix in last, last
 
 
 def test_pretrained_timm_weights_offline_fail_fast_naming_the_local_option(monkeypatch):

@@ -169,6 +169,17 @@ def _sweeper_optimises() -> bool:
     return "optuna" in target.lower()
 
 
+def user_error_cause(error: BaseException) -> BaseException:
+    """The one-line :class:`UserError` behind ``error``, if any: a model builder's error (an offline hub, a bad
+    argument) reaches the job wrapped by Hydra's ``InstantiationException``, whose multi-line text would bury it."""
+    seen, current = 0, error
+    while current is not None and seen < 8:
+        if isinstance(current, UserError):
+            return current
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return error
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Hydra task function. Returns ``cfg.optimized_metric`` (for sweepers such as Optuna) when present."""
     from opdf_exp.runner import progress
@@ -180,7 +191,8 @@ def run_job(cfg: DictConfig) -> float | None:
     try:
         result = run_task(cfg)
         value = _check_optimized_metric(cfg, result)
-    except Exception as error:
+    except Exception as raised:
+        error = user_error_cause(raised)
         if is_global_zero():
             output_dir.mkdir(parents=True, exist_ok=True)
             write_error(output_dir, error)
