@@ -18,10 +18,15 @@ COLUMNS = [("perplexity", "perplexity", "{:,.1f}"), ("KL/token", "kl_per_token",
 STAGES = ("attention_transfer", "hidden_alignment", "end_to_end")
 
 
+def _overrides(result: dict) -> list[str]:
+    """Overrides as written by single runs and sweeps alike (a sweep writes booleans as True/False)."""
+    return [o.replace("=True", "=true").replace("=False", "=false") for o in result["overrides"]]
+
+
 def _label(result: dict, common: set[str]) -> str:
     """The student's name plus the overrides this run does not share with every other run shown."""
-    student = next((o.split("=", 1)[1] for o in result["overrides"] if o.startswith("student=")), "subquadratic/gla")
-    extra = [o for o in result["overrides"] if o not in common and not o.startswith(("student=", "hydra."))]
+    student = next((o.split("=", 1)[1] for o in _overrides(result) if o.startswith("student=")), "subquadratic/gla")
+    extra = [o for o in _overrides(result) if o not in common and not o.startswith(("student=", "hydra."))]
     return student.split("/")[-1] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -38,7 +43,7 @@ def main(folders: list[str]) -> None:
     rows, teacher = [], None
     loaded = [json.loads(path.read_text()) for path in results]
     loaded = [r for r in loaded if r.get("status") == "complete"]
-    common = set.intersection(*(set(r["overrides"]) for r in loaded)) if loaded else set()
+    common = set.intersection(*(set(_overrides(r)) for r in loaded)) if loaded else set()
     for result in loaded:
         metrics = result["metrics"]
         stages = result.get("stages", {})
