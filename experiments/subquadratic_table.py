@@ -49,16 +49,20 @@ def main(folders: list[str]) -> None:
         stages = result.get("stages", {})
         seconds = sum(float(stages.get(s, {}).get("seconds", 0.0)) for s in STAGES)
         steps = "/".join(str(stages.get(s, {}).get("steps", 0)) for s in STAGES)
-        rows.append([_label(result, common), *_cells(metrics, "student"), steps, f"{seconds:.0f}",
+        fidelity = [float(v["output_rel_err"]) for v in (result.get("layer_fidelity") or {}).values()
+                    if isinstance(v, dict) and v.get("output_rel_err") is not None]
+        fid = f"{sum(fidelity) / len(fidelity):.3f}" if fidelity else "–"
+        rows.append([_label(result, common), *_cells(metrics, "student"), fid, steps, f"{seconds:.0f}",
                      f"{result.get('wall_time_s', 0):.0f}"])
         teacher = teacher or _cells(metrics, "teacher")
-    header = ["model", *(c[0] for c in COLUMNS), "steps (1/2/3)", "train s", "wall s"]
+    header = ["model", *(c[0] for c in COLUMNS), "attn-output rel. err after stage 1 (mean over layers)",
+              "steps (1/2/3)", "train s", "wall s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
     if teacher:
-        print("| teacher | " + " | ".join(teacher) + " | – | – | – |")
+        print("| teacher | " + " | ".join(teacher) + " | – | – | – | – |")
 
 
 if __name__ == "__main__":
