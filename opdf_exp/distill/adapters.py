@@ -17,7 +17,7 @@ family alike. No Lightning or Hydra here (layering rule).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -33,7 +33,6 @@ class ModelOutputs:
     logits: torch.Tensor
     hidden_states: tuple | None = None
     dist_logits: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelAdapter:
@@ -43,6 +42,9 @@ class ModelAdapter:
 
     def call_arguments(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[tuple, dict]:
         raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> None:
+        """Set a model up for training once (nothing by default)."""
 
     def logits_of(self, raw: Any) -> torch.Tensor:
         raw = raw[0] if isinstance(raw, (tuple, list)) else raw
@@ -134,8 +136,7 @@ class TimmAdapter(ModelAdapter):
                               "use an image data config (data=mnist_digits, data=image_folder, ...)")
         return (batch["pixel_values"],), {}
 
-    @staticmethod
-    def prepare(model: nn.Module) -> None:
+    def prepare(self, model: nn.Module) -> None:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(True)
 

@@ -230,8 +230,10 @@ def verify(cache: TeacherOutputCache, teacher: torch.nn.Module, batches: Iterabl
     return worst  # <= 1: within tolerance
 
 
-def cache_key(teacher_fingerprint_: str, data: Mapping, tokenizer: str, max_length: int, layers: Sequence[int]) -> str:
-    blob = json.dumps({"teacher": teacher_fingerprint_, "data": data, "tokenizer": tokenizer,
-                       "max_length": int(max_length), "layers": sorted(int(x) for x in layers),
+def cache_key(teacher_fingerprint_: str, data: Mapping, inputs: Mapping, layers: Sequence[int]) -> str:
+    """``inputs``: what fixes an example's model inputs (the DataModule's ``input_signature()``: tokenizer and max
+    length for text, the eval transform's data config for images)."""
+    blob = json.dumps({"teacher": teacher_fingerprint_, "data": data, "inputs": inputs,
+                       "layers": sorted(int(x) for x in layers),
                        "format": FORMAT_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

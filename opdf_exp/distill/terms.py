@@ -173,6 +173,7 @@ class HiddenStateMSE(LossTerm):
         self.layer_map_spec = layer_map
         self.projection_spec = projection
         self.pairs: list[tuple[int, int]] = []
+        self.prefix_tokens = (0, 0)  # (student, teacher): set by setup from timm models' num_prefix_tokens
         self.projections = nn.ModuleList()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
@@ -217,7 +218,7 @@ class HiddenStateMSE(LossTerm):
         teacher: [CLS, DIST, patches] vs [CLS, patches]) compare their shared prefix tokens and all patches."""
         if student.shape[:-1] == teacher.shape[:-1]:
             return student, teacher
-        ps, pt = getattr(self, "prefix_tokens", (0, 0))
+        ps, pt = self.prefix_tokens
         if student.dim() == 3 and student.shape[1] - ps == teacher.shape[1] - pt and ps != pt:
             keep = min(ps, pt)
             return (torch.cat([student[:, :keep], student[:, ps:]], 1), torch.cat([teacher[:, :keep], teacher[:, pt:]], 1))

@@ -92,7 +92,7 @@ class DistillationModule(pl.LightningModule):
         self.student_adapter = adapter_for(student)
         self.teacher_adapter = adapter_for(teacher) if teacher is not None else None
         for model, adapter in ((student, self.student_adapter), (teacher, self.teacher_adapter)):
-            if adapter is not None and hasattr(adapter, "prepare"):
+            if adapter is not None:
                 adapter.prepare(model)  # e.g. DeiT's two heads in training
         student_paths, teacher_paths = loss.tap_paths()
         self._student_taps = ForwardTaps(student, student_paths) if student_paths else None

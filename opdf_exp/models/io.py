@@ -35,3 +35,24 @@ def load_classifier_folder(folder: str | os.PathLike) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def store_label_names(model: nn.Module, names: list[str]) -> None:
+    """Record the class order with the model, where its family saves it: ``config.id2label`` / ``label2id``
+    (transformers) or ``pretrained_cfg['label_names']`` (timm)."""
+    if getattr(model, "config", None) is None:
+        from opdf_exp.models.timm_models import set_label_names
+
+        set_label_names(model, names)
+        return
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def stored_label_names(model: nn.Module) -> list[str]:
+    """The class order saved with ``model`` (empty when it has none)."""
+    if getattr(model, "config", None) is None:
+        from opdf_exp.models.timm_models import label_names
+
+        return label_names(model) or []
+    return [str(v) for _, v in sorted((int(k), v) for k, v in (model.config.id2label or {}).items())]

@@ -39,7 +39,7 @@ from opdf_exp.distill.terms import TaskLoss, TensorAlignment
 from opdf_exp.errors import ConfigError
 from opdf_exp.hub import resolve_model_path
 from opdf_exp.lit.module import DistillationModule
-from opdf_exp.models.io import save_model
+from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import job_overrides
@@ -189,13 +189,7 @@ def apply_label_mapping(model: torch.nn.Module, splits) -> None:
     ``pretrained_cfg['label_names']``), so every saved teacher and student says which output is which class."""
     if splits.problem_type == "regression" or not splits.label_names:
         return
-    if getattr(model, "config", None) is None:
-        from opdf_exp.models.timm_models import set_label_names
-
-        set_label_names(model, [str(v) for _, v in sorted(splits.id2label.items())])
-        return
-    model.config.id2label = dict(splits.id2label)
-    model.config.label2id = dict(splits.label2id)
+    store_label_names(model, [str(v) for _, v in sorted(splits.id2label.items())])
 
 
 def check_teacher_labels(cfg: DictConfig, teacher: torch.nn.Module, splits) -> None:
@@ -207,12 +201,7 @@ def check_teacher_labels(cfg: DictConfig, teacher: torch.nn.Module, splits) -> N
 
         check_label_mapping(task, teacher.config)
         return
-    if getattr(teacher, "config", None) is None:  # timm: class names in pretrained_cfg
-        from opdf_exp.models.timm_models import label_names
-
-        names = label_names(teacher) or []
-    else:
-        names = [str(v) for _, v in sorted((int(k), v) for k, v in (teacher.config.id2label or {}).items())]
+    names = stored_label_names(teacher)
     expected = [str(v) for _, v in sorted(splits.id2label.items())] if splits.label_names else []
     generic = all(n.upper().startswith("LABEL_") for n in names)
     if expected and names and not generic and [n.lower() for n in names] != [n.lower() for n in expected]:
@@ -400,7 +389,7 @@ def teacher_output_cache(cfg: DictConfig, teacher: torch.nn.Module, loss: Distil
     if signature is None:
         log.info("teacher-output cache off: the training inputs are not deterministic (augmentation)")
         return None
-    key = cache_key(fingerprint, data, json.dumps(signature, sort_keys=True, default=str), 0, layers)
+    key = cache_key(fingerprint, data, signature, layers)
     path = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{key}.safetensors"
     loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False, collate_fn=datamodule._collate)
     path.parent.mkdir(parents=True, exist_ok=True)
