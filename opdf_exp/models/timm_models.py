@@ -111,9 +111,9 @@ def timm_student(teacher: nn.Module, name: str, pretrained: bool = False, checkp
     """A fresh timm student (another architecture or size than the teacher) with the teacher's classes."""
     teacher_classes = int(getattr(teacher, "num_classes", 0) or 0)
     if num_classes is not None and teacher_classes and int(num_classes) != teacher_classes:
-        raise ConfigError(f"student.num_classes={num_classes} but the teacher has {teacher_classes} classes; a KD "
-                          f"student must predict the teacher's classes (set student.num_classes={teacher_classes} "
-                          "or null)")
+        raise ConfigError(f"student.model.num_classes={num_classes} but the teacher has {teacher_classes} classes; a "
+                          f"KD student must predict the teacher's classes (set student.model.num_classes="
+                          f"{teacher_classes} or null)")
     student = create_timm_classifier(name, num_classes or teacher_classes, pretrained=pretrained,
                                      checkpoint_path=checkpoint_path, override_key="student.model", **model_args)
     labels = getattr(teacher, "pretrained_cfg", {}).get("label_names")

@@ -537,6 +537,10 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     # kd_opdf/...), so one dashboard panel compares them and the run's config is the job's, shared by all.
     add_wandb_tags(loggers, [f"experiment:{cfg.task_name}", f"decomposition:{cfg.decomposition.kind}",
                              f"distill:{cfg.distill.get('name', 'custom')}"])
+    student_classes = cfg.student.model.get("num_classes")
+    if student_classes is not None and int(student_classes) != splits.num_labels:  # before the teacher trains
+        raise ConfigError(f"student.model.num_classes={student_classes} but the data (and so the teacher) has "
+                          f"{splits.num_labels} classes; set student.model.num_classes=null")
     _check_image_input(cfg.teacher.model, datamodule, "teacher")
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
