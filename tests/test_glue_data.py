@@ -140,6 +140,20 @@ def test_half_dev_halves_are_fixed_disjoint_and_cover_dev(task, glue_root):
     assert full.train.text_a == half.train.text_a  # train is the whole training file under both protocols
 
 
+@pytest.mark.parametrize("task", ["rte", "mnli"])
+def test_selection_half_never_returns_the_report_half(task, glue_root):
+    """Hyper-parameter searches run on quarters of the selection half; no report-half example can reach them."""
+    path = str(glue_root / glue_task(task).folder)
+    half, search = glue(task, path=path), glue(task, path=path, eval_protocol="selection_half")
+    report = set(zip(half.test.text_a, half.test.text_b or half.test.text_a))
+    pairs = lambda split: list(zip(split.text_a, split.text_b or split.text_a))
+    quarter_a, quarter_b = pairs(search.validation), pairs(search.test)
+    assert not (set(quarter_a) | set(quarter_b)) & report
+    assert sorted(quarter_a + quarter_b) == sorted(pairs(half.validation))  # exactly the selection half, split
+    assert not set(quarter_a) & set(quarter_b) and abs(len(quarter_a) - len(quarter_b)) <= len(set(half.validation.labels))
+    assert search.extra_test == {} and search.train.text_a == half.train.text_a
+
+
 def test_half_dev_indices_stratify_and_depend_only_on_labels_and_seed():
     labels = [0] * 30 + [1] * 10
     first, second = half_dev_indices(labels, stratify=True)

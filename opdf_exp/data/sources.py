@@ -170,7 +170,7 @@ def bbc_news(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed
 # --------------------------------------------------------------------------------------------- GLUE
 # The task table (files, columns, labels, metrics) lives in glue_tasks.py; this part reads files and the hub.
 GLUE_HUB_ID = "nyu-mll/glue"
-GLUE_PROTOCOLS = ("half_dev", "full_dev")
+GLUE_PROTOCOLS = ("half_dev", "full_dev", "selection_half")
 GLUE_OVERRIDES = ("text_columns", "label_column", "num_labels", "label_names", "train_file", "dev_file", "hub_id",
                   "hub_validation_split", "half_dev_seed")
 MALFORMED_FRACTION_LIMIT = 0.5  # more malformed rows than this: the file is not in the task's layout
@@ -346,7 +346,10 @@ def glue(task: str, path: str | None = None, eval_protocol: str = "half_dev", **
     ``eval_protocol``: ``full_dev`` (validation = test = the whole dev set, as most GLUE papers report) or
     ``half_dev`` (the OPDF paper's: validation = the selection half, test = the report half, see
     :func:`half_dev_indices`). MNLI's mismatched dev set is a further test set, ``extra_test["test_mismatched"]``,
-    always whole: nothing selects on it, so it needs no held-out half.
+    always whole: nothing selects on it, so it needs no held-out half. ``selection_half`` is for hyper-parameter
+    searches that must never read the report half: the selection half is split again into two fixed quarters
+    (validation = selection within it, test = a score of the selected checkpoint that the report half never
+    influenced); the report half and MNLI's mismatched set are not returned at all.
 
     ``overrides`` (all optional, null = the table's): ``text_columns`` and ``label_column`` (names or 0-based
     indices in the source read), ``num_labels`` and ``label_names`` (must agree with the table),
@@ -358,7 +361,8 @@ def glue(task: str, path: str | None = None, eval_protocol: str = "half_dev", **
         raise ConfigError(f"unknown GLUE option(s) {unknown}; use some of {', '.join(GLUE_OVERRIDES)}")
     options = {key: value for key, value in overrides.items() if value is not None}
     if eval_protocol not in GLUE_PROTOCOLS:
-        raise ConfigError(f"data.eval_protocol={eval_protocol!r} is unknown; use half_dev or full_dev")
+        raise ConfigError(f"data.eval_protocol={eval_protocol!r} is unknown; use half_dev or full_dev (or "
+                          f"selection_half for hyper-parameter searches)")
     if "num_labels" in options and int(options["num_labels"]) != spec.num_labels:
         raise ConfigError(f"data.num_labels={options['num_labels']} but GLUE {spec.name} has {spec.num_labels} "
                           f"label(s) ({', '.join(spec.label_names) or 'a regression score'}); set "
@@ -377,10 +381,15 @@ def glue(task: str, path: str | None = None, eval_protocol: str = "half_dev", **
         train, dev, extra = _load_glue_hub(spec, options.get("hub_id", GLUE_HUB_ID),
                                            options.get("hub_validation_split", spec.hub_validation_split),
                                            text_columns, label_column)
+    stratify, half_seed = spec.problem_type != REGRESSION, int(options.get("half_dev_seed", 0))
     if eval_protocol == "half_dev":
-        selection, report = half_dev_indices(dev.labels, stratify=spec.problem_type != REGRESSION,
-                                             seed=int(options.get("half_dev_seed", 0)))
+        selection, report = half_dev_indices(dev.labels, stratify=stratify, seed=half_seed)
         validation, test = dev.subset(selection), dev.subset(report)
+    elif eval_protocol == "selection_half":
+        selection_set = dev.subset(half_dev_indices(dev.labels, stratify=stratify, seed=half_seed)[0])
+        first, second = half_dev_indices(selection_set.labels, stratify=stratify, seed=half_seed + 1)
+        validation, test = selection_set.subset(first), selection_set.subset(second)
+        extra = {}  # MNLI's mismatched set is a report set: a search never sees it
     else:
         validation, test = dev, dev
     return TextSplits(train, validation, test, label_names=list(spec.label_names), problem_type=spec.problem_type,
