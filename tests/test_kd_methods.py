@@ -79,17 +79,23 @@ def test_pkd_layer_map_that_does_not_fit_is_refused_in_one_line(student_layers, 
     assert "\n" not in str(error.value)
 
 
-def test_pkd_term_is_the_normalised_cls_distance_summed_over_mapped_blocks():
+def test_pkd_term_is_the_public_codes_mean_over_examples_blocks_and_units():
+    """L_PT = mean over (examples, mapped blocks, hidden units) of the normalised [CLS] difference squared, as
+    the public patience_loss computes it, so β means what the paper's grid means."""
     term = PatientCLSMSE(strategy="skip")
-    term.setup(tiny_bert(2), tiny_bert(4))
-    hs = [torch.randn(3, 5, 16) for _ in range(3)]
-    ht = [torch.randn(3, 5, 16) for _ in range(5)]
+    term.setup(tiny_bert(3), tiny_bert(6))  # pairs (1, 2), (2, 4)
+    hs = [torch.randn(3, 5, 16) for _ in range(4)]
+    ht = [torch.randn(3, 5, 16) for _ in range(7)]
     ctx = SimpleNamespace(student=SimpleNamespace(hidden_states=hs), teacher=SimpleNamespace(hidden_states=ht))
-    a, b = hs[1][:, 0], ht[2][:, 0]  # student block 1 <- teacher block 2
-    expected = ((a / a.norm(dim=-1, keepdim=True) - b / b.norm(dim=-1, keepdim=True)) ** 2).sum(-1).mean()
-    assert term(ctx).item() == pytest.approx(expected.item(), rel=1e-5)
-    ctx.student.hidden_states = [h * 7.0 for h in [hs[0], ht[2], hs[2]]]  # same direction as the teacher's
-    assert term(ctx).item() == pytest.approx(0.0, abs=1e-6)
+    unit = lambda v: v / v.norm(dim=-1, keepdim=True)
+    squared = [((unit(hs[s][:, 0]) - unit(ht[t][:, 0])) ** 2).sum().item() for s, t in [(1, 2), (2, 4)]]
+    assert term(ctx).item() == pytest.approx(sum(squared) / (3 * 2 * 16), rel=1e-5)  # B x pairs x d entries
+    raw = PatientCLSMSE(strategy="skip", normalize=False)
+    raw.setup(tiny_bert(3), tiny_bert(6))
+    by_hand = sum(((hs[s][:, 0] - ht[t][:, 0]) ** 2).sum().item() for s, t in [(1, 2), (2, 4)]) / (3 * 2 * 16)
+    assert raw(ctx).item() == pytest.approx(by_hand, rel=1e-5)
+    ctx.student.hidden_states = [h * 7.0 for h in [hs[0], ht[2], ht[4], hs[3]]]  # same direction as the teacher's
+    assert term(ctx).item() == pytest.approx(0.0, abs=1e-6) and raw(ctx).item() > 1.0
 
 
 def test_classification_only_term_on_a_regression_task_is_refused_before_training(tmp_path):
