@@ -14,7 +14,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-from opdf_exp.errors import MissingFileError, OfflineError
+from opdf_exp.errors import ConfigError, MissingFileError, OfflineError
 
 HF_HOST = "huggingface.co"
 PACKAGE_SCHEME = "pkg://"
@@ -78,6 +78,10 @@ def resolve_model_path(name_or_path: str, *, override_key: str) -> str:
 
     ``override_key`` is the config key the user should set to a local folder (named in the error message).
     """
+    if name_or_path is None or not str(name_or_path).strip():
+        raise ConfigError(f"{override_key} is empty (an unset shell variable in the command?); set "
+                          f"{override_key}=<hub id or local folder saved with save_pretrained>")
+    name_or_path = str(name_or_path)
     if name_or_path.startswith(PACKAGE_SCHEME):
         return resolve_package_path(name_or_path)
     if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/", "~")):

@@ -140,6 +140,8 @@ BAD_INPUTS = {
     "missing_file": (["data=glue/sst2", "data.path=/nonexistent/SST-2"], "data.path"),
     "missing_label_column": (["data=glue/sst2", "data.label_column=polarity"], "data.label_column"),
     "layer_map_past_depth": (["student.model.layers=[0,9]"], "points past the teacher"),
+    "empty_teacher_path": (["teacher=minilm_l6", "teacher.finetune.enabled=false", "teacher.model.name_or_path="],
+                           "teacher.model.name_or_path is empty"),
 }
 
 
