@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.mpo import (MPOEmbedding, MPOLinear, apply_decomposition, balanced_factors, count_params,
@@ -216,6 +217,38 @@ def test_mpo_linear_gradients_bias_sharing_freeze_and_repr():
     dense = layer.to_linear()
     assert type(dense) is nn.Linear and dense.bias is linear.bias
     assert dense.weight.dtype == linear.weight.dtype and dense.weight.requires_grad
+
+
+def test_graph_free_forwards_reuse_w_until_a_tensor_changes(monkeypatch):
+    """Evaluation reuses the rebuilt W; an optimizer step, load_state_dict or a training forward invalidates it."""
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(48, 96), [4, 2, 3, 4], [4, 3, 2, 2])
+    rebuilds = []
+    original = MPOLinear.to_matrix
+    monkeypatch.setattr(MPOLinear, "to_matrix", lambda self: rebuilds.append(1) or original(self))
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        first, again = layer(x), layer(x)
+    assert len(rebuilds) == 1 and torch.equal(first, again)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    layer(x).square().sum().backward()  # a training forward rebuilds with autograd and drops the cache
+    assert len(rebuilds) == 2 and layer._cached_weight is None
+    optimizer.step()
+    with torch.no_grad():
+        after_step = layer(x)
+        assert len(rebuilds) == 3 and not torch.allclose(after_step, first)
+        assert torch.equal(after_step, F.linear(x, original(layer), layer.bias))  # the new W, not the stale one
+        layer(x)
+        assert len(rebuilds) == 3  # reused again
+        layer.load_state_dict({k: v * 0.5 if k.startswith("tensors.0") else v for k, v in layer.state_dict().items()})
+        assert torch.allclose(layer(x) - layer.bias, (after_step - layer.bias) * 0.5, atol=1e-5)
+        assert len(rebuilds) == 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another autocast state: its own rebuild
+            assert layer(x).dtype == torch.bfloat16
+        assert len(rebuilds) == 5
+    frozen = MPOLinear.from_linear(nn.Linear(48, 96), [4, 2, 3, 4], [4, 3, 2, 2]).freeze(central=True, aux=True)
+    frozen(x), frozen(x)  # grad mode on, but nothing trains (a frozen teacher): reused too
+    assert len(rebuilds) == 6
 
 
 def test_mpo_linear_bf16_autocast_keeps_fp32_master_weights():

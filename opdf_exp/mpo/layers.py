@@ -4,6 +4,9 @@ Why rebuild W instead of applying the tensors to the activations: OPDF's MPOs ar
 (bond r = 576 / 1152 for BERT-base), so a chain applied to a batch costs O(tokens * J * r * i_n), far more than the
 dense matmul; rebuilding W costs O(I J r) once per step, independent of the batch. The contraction order is the
 cheapest one found by :func:`opdf_exp.mpo.decompose.contraction_plan` (computed once per layer).
+
+Without autograd (validation, test, generation, a frozen teacher) the rebuilt W is kept and reused until a local
+tensor changes (its version counter or storage), so evaluating an MPO model costs what the dense model costs.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class _MPOBase(nn.Module):
         self.tensors = nn.ParameterList(
             [t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach().clone()) for t in tensors])
         self._plan = contraction_plan(tuple(ranks), tuple(i * j for i, j in zip(rows, cols)))
+        self._cached_weight: tuple | None = None  # (key, W) of the last graph-free rebuild, see _forward_weight
         self.freeze(central=not train_central, aux=not train_aux)
 
     # -- roles ------------------------------------------------------------------------------------------------
@@ -76,6 +80,22 @@ class _MPOBase(nn.Module):
     def to_matrix(self) -> torch.Tensor:
         """The dense (rows x cols) weight, differentiable w.r.t. the local tensors."""
         return contract_with_plan(self._plan, list(self.tensors), self.row_factors, self.col_factors)
+
+    def _forward_weight(self) -> torch.Tensor:
+        """W for this forward: rebuilt with autograd while training; without a graph the last rebuild is reused
+        until a tensor is updated in place (optimizer step, ``load_state_dict``: the version counter moves) or
+        replaced (storage pointer), or the autocast setting differs."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors):
+            self._cached_weight = None  # free it: training needs the graph, and the cache would go stale anyway
+            return self.to_matrix()
+        device_type = self.tensors[0].device.type
+        key = (tuple((t._version, t.data_ptr(), t.dtype) for t in self.tensors), torch.is_autocast_enabled(device_type))
+        cached = getattr(self, "_cached_weight", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.to_matrix())
+            self._cached_weight = cached
+        return cached[1]
 
     def _dense_weight(self) -> torch.Tensor:
         """The contracted weight for export: no graph, and no autocast (a bf16 rebuild would be lossy)."""
@@ -135,7 +155,7 @@ class MPOLinear(_MPOBase):
         return self.to_matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.to_matrix(), self.bias)
+        return F.linear(x, self._forward_weight(), self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the contracted weight (same dtype/device) and this layer's bias Parameter."""
@@ -185,7 +205,7 @@ class MPOEmbedding(_MPOBase):
         return self.to_matrix()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.to_matrix(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+        return F.embedding(ids, self._forward_weight(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
 
     def to_embedding(self) -> nn.Embedding:
         ref = self.tensors[0]
