@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess
 
 @pytest.mark.parametrize("name", DISTILL_EXPERIMENTS)
 def test_fast_dev_run_every_experiment(name, tmp_path, tiny_overrides):
-    glue = name in ("bert_glue", "sst2_cpu_repro")  # GLUE experiments read a tiny local SST-2, not the hub
+    text = (Path(str(files("opdf_exp.conf"))) / "experiment" / f"{name}.yaml").read_text()
+    glue = re.search(r"^tags: \[.*\bglue\b", text, re.M) is not None  # GLUE: a tiny local SST-2, not the hub
     extra = [f"data.path={tiny_glue(tmp_path / 'SST-2')}", "student.model.num_layers=2"] if glue else []
     with compose_job([f"+experiment={name}", *tiny_overrides, "debug=fdr", *extra], tmp_path) as cfg:
         result = run_task(cfg)
