@@ -5,8 +5,9 @@ Why rebuild W instead of applying the tensors to the activations: OPDF's MPOs ar
 dense matmul; rebuilding W costs O(I J r) once per step, independent of the batch. The contraction order is the
 cheapest one found by :func:`opdf_exp.mpo.decompose.contraction_plan` (computed once per layer).
 
-Without autograd (validation, test, generation, a frozen teacher) the rebuilt W is kept and reused until a local
-tensor changes (its version counter or storage), so evaluating an MPO model costs what the dense model costs.
+Without autograd (validation, test, generation, a frozen teacher) in a single-process job, the rebuilt W is kept
+and reused until a local tensor changes (its version counter or storage), so evaluating an MPO model costs what
+the dense model costs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import torch.nn.functional as F
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.mpo.decompose import contract_with_plan, contraction_plan, mpo_decompose
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class _MPOBase(nn.Module):
@@ -85,8 +90,10 @@ class _MPOBase(nn.Module):
         """W for this forward: rebuilt with autograd while training; without a graph the last rebuild is reused
         until a tensor is updated in place (optimizer step, ``load_state_dict``: the version counter moves) or
         replaced (storage pointer), or the autocast setting differs."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors):
-            self._cached_weight = None  # free it: training needs the graph, and the cache would go stale anyway
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)) or _distributed():
+            # training needs the graph; under FSDP the unsharded storage is refilled by collectives that need not
+            # move the version counter, so a distributed job always rebuilds (correct first, fast second)
+            self._cached_weight = None
             return self.to_matrix()
         device_type = self.tensors[0].device.type
         key = (tuple((t._version, t.data_ptr(), t.dtype) for t in self.tensors), torch.is_autocast_enabled(device_type))
