@@ -218,6 +218,43 @@ class MPOPlanEntry:
         return self.shape[0] * self.shape[1]
 
 
+def check_decomposition_options(n: int | None = None, factors: Mapping | None = None, max_bond: int | None = None,
+                                layout: str = "balanced", gauge: str | None = "symmetric",
+                                targets: Sequence[str] | str | None = None) -> tuple[int | None, int | None, dict]:
+    """Validate every option that needs no model (so a bad value fails on the submitting machine, before any
+    teacher trains); return ``(n, max_bond, factors table)``. Shape checks stay in :func:`plan_decomposition`."""
+    if n is not None:
+        try:
+            valid = not isinstance(n, bool) and int(n) == n and int(n) >= 2
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"n={n!r} must be an integer >= 2 (the number of local tensors; 2 is the SVD case)")
+        n = int(n)
+    try:
+        max_bond = check_max_bond(max_bond)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max_bond={max_bond!r} must be a positive integer (or null for a lossless MPO)") from None
+    if layout not in _LAYOUTS:
+        raise ConfigError(f"layout={layout!r} is unknown; use one of {', '.join(_LAYOUTS)}")
+    check_gauge(gauge)
+    table = _normalize_factors(factors, n)
+    if n is None and table:
+        lengths = {len(v) for v in table.values()}
+        if len(lengths) > 1:
+            raise ConfigError(f"factor lists have different lengths {sorted(lengths)}; give every dimension the "
+                              f"same number of factors (pad with 1s)")
+    for pattern in ([targets] if isinstance(targets, str) else list(targets or [])):
+        if str(pattern).startswith("re:"):
+            try:
+                re.compile(str(pattern)[3:])
+            except re.error as error:
+                raise ConfigError(f"target pattern {pattern!r} is not a valid regular expression ({error})") from None
+    if targets is not None and not isinstance(targets, str) and not list(targets):
+        raise ConfigError("targets is empty; give module-name patterns or null for the family defaults")
+    return n, max_bond, table
+
+
 def plan_decomposition(model: nn.Module, targets: Sequence[str] | str | None = None,
                        factors: Mapping | None = None, n: int | None = None, max_bond: int | None = None,
                        layout: str = "balanced") -> list[MPOPlanEntry]:
@@ -227,19 +264,7 @@ def plan_decomposition(model: nn.Module, targets: Sequence[str] | str | None = N
     ``balanced_factors(dim, n)`` (layout="balanced", MPOP-style) or ``end_factors(dim, n)`` (layout="ends", the
     public OPDF code's [a,1,..,1,b]).
     """
-    if n is not None:
-        if isinstance(n, bool) or int(n) != n or int(n) < 2:
-            raise ConfigError(f"n={n!r} must be an integer >= 2 (the number of local tensors; 2 is the SVD case)")
-        n = int(n)
-    max_bond = check_max_bond(max_bond)
-    if layout not in _LAYOUTS:
-        raise ConfigError(f"layout={layout!r} is unknown; use one of {', '.join(_LAYOUTS)}")
-    table = _normalize_factors(factors, n)
-    if n is None and table:
-        lengths = {len(v) for v in table.values()}
-        if len(lengths) > 1:
-            raise ConfigError(f"factor lists have different lengths {sorted(lengths)}; give every dimension the "
-                              f"same number of factors (pad with 1s)")
+    n, max_bond, table = check_decomposition_options(n=n, factors=factors, max_bond=max_bond, layout=layout)
     chosen = match_targets(model, targets)
     _check_untied(model, chosen)
 
@@ -332,6 +357,31 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"train": train, "inference": inference}
 
 
+def check_decomposition_kind(kind: str, n: int | None, factors: Mapping | None) -> tuple[str, int | None]:
+    """``(kind, n)`` checked against each other: svd is n = 2; mpo needs n or factors."""
+    kind = str(kind).lower()
+    if kind == "svd":
+        if n is not None and str(n) != "2":
+            raise ConfigError(f"kind=svd means n=2, got n={n}; use kind=mpo for n={n}")
+        return kind, 2
+    if kind == "mpo" and n is None and not factors:
+        raise ConfigError("kind=mpo needs n (number of local tensors, e.g. 5) or factors {dim: [...]}")
+    if kind not in ("none", "svd", "mpo"):
+        raise ConfigError(f"decomposition kind={kind!r} is unknown; use none, svd or mpo")
+    return kind, n
+
+
+def check_decomposition(kind: str = "none", n: int | None = None, factors: Mapping | None = None,
+                        max_bond: int | None = None, targets: Sequence[str] | str | None = None,
+                        gauge: str | None = "symmetric", layout: str = "balanced", **_ignored: Any) -> None:
+    """Every check of :func:`apply_decomposition` that needs no model: a config-time check (``_ignored`` takes
+    the training flags and ``align``, which have their own checks)."""
+    kind, n = check_decomposition_kind(kind, n, factors)
+    if kind != "none":
+        check_decomposition_options(n=n, factors=factors, max_bond=max_bond, layout=layout, gauge=gauge,
+                                    targets=targets)
+
+
 def apply_decomposition(model: nn.Module, kind: str = "none", n: int | None = None, factors: Mapping | None = None,
                         max_bond: int | None = None, targets: Sequence[str] | str | None = None,
                         train_central: bool = True, train_aux: bool = True, gauge: str | None = "symmetric",
@@ -341,17 +391,8 @@ def apply_decomposition(model: nn.Module, kind: str = "none", n: int | None = No
     ``factors`` keys may be ints or strings. ``align`` is accepted and ignored so the runner can pass the whole
     ``decomposition`` config group (the alignment loss is built separately, see :mod:`opdf_exp.mpo.align`).
     """
-    kind = str(kind).lower()
+    kind, n = check_decomposition_kind(kind, n, factors)
     if kind == "none":
         return model
-    if kind == "svd":
-        if n is not None and int(n) != 2:
-            raise ConfigError(f"kind=svd means n=2, got n={n}; use kind=mpo for n={n}")
-        n = 2
-    elif kind == "mpo":
-        if n is None and not factors:
-            raise ConfigError("kind=mpo needs n (number of local tensors, e.g. 5) or factors {dim: [...]}")
-    else:
-        raise ConfigError(f"decomposition kind={kind!r} is unknown; use none, svd or mpo")
     return overparameterize(model, targets=targets, factors=factors, n=n, max_bond=max_bond,
                             train_central=train_central, train_aux=train_aux, gauge=gauge, layout=layout)

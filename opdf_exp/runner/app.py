@@ -91,6 +91,9 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     import hydra
     import pytorch_lightning as pl
 
+    from opdf_exp.runner.checks import check_job_config
+    from opdf_exp.runner.trainer import check_trainer_config
+
     # The frozen teacher is in eval mode on purpose; Lightning's generic warning about it is noise here.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -106,6 +109,10 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     if resume == "auto" and (done := completed_result(output_dir, overrides)) is not None:
         log.info("skipped: %s already holds a complete %s for these overrides", output_dir, RESULTS_FILE)
         return {**done, "skipped": True}
+    # Checked here as well as on the submitting machine: a SLURM job is where its GPUs are known, and a job
+    # composed elsewhere (a relaunch, a sweep) is checked before its first stage.
+    check_trainer_config(cfg.trainer)
+    check_job_config(cfg)
     if is_global_zero():
         for stale in (results_path, output_dir / ERROR_FILE):
             if stale.exists():
@@ -182,8 +189,9 @@ def user_error_cause(error: BaseException) -> BaseException:
 
 def run_job(cfg: DictConfig) -> float | None:
     """Hydra task function. Returns ``cfg.optimized_metric`` (for sweepers such as Optuna) when present."""
-    from opdf_exp.runner import progress
+    from opdf_exp.runner import preemption, progress
 
+    preemption.install()  # the scheduler's warning signal saves the running stage before the job is requeued
     output_dir = Path(cfg.paths.output_dir)
     multirun = is_multirun()
     if multirun and is_global_zero():

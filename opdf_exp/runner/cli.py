@@ -112,15 +112,19 @@ def _closest_keys(message: str, compose_fn) -> str:
 
 def validate_overrides(argv: list[str]) -> None:
     """Compose the config once; raise :class:`UserError` with a one-line message on any problem (an unknown key
-    names the closest existing ones; a GPU trainer on a CPU-only machine says to use ``trainer=ddp_sim``)."""
+    names the closest existing ones). Then the checks of :mod:`opdf_exp.runner.checks`: every config value the
+    job and its variants use, and the machine only when the jobs run on it (not for ``--cfg``, not for a SLURM
+    launcher: a login node has no GPU, the job checks its own node)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from opdf_exp.runner.trainer import check_trainer_config
+    from opdf_exp.runner.checks import check_job_and_variants, check_launch
 
     overrides, config_name = _collect_overrides(argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    printing = any(a in ("--cfg", "-c") for a in argv)
     try:
         overrides = _first_of_sweeps(overrides)
         GlobalHydra.instance().clear()
@@ -131,7 +135,15 @@ def validate_overrides(argv: list[str]) -> None:
                 hint = _closest_keys(str(error), lambda: compose(config_name, overrides=[
                     o for o in overrides if "." not in o.split("=", 1)[0]]))
                 raise UserError(one_line(str(error)) + hint) from None
-            check_trainer_config(cfg.trainer)
+
+            def compose_variant(extra: list[str]):
+                try:
+                    return compose(config_name, overrides=overrides + extra)
+                except (HydraException, OmegaConfBaseException) as error:
+                    raise UserError(f"overrides {extra} do not compose: {one_line(str(error))}") from None
+
+            check_job_and_variants(cfg, compose_variant)
+            check_launch(cfg, multirun=multirun, printing=printing)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         if isinstance(error, UserError):
             raise

@@ -43,6 +43,7 @@ from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import job_overrides
+from opdf_exp.runner.checks import check_job_config
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
@@ -514,6 +515,12 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
 # ----------------------------------------------------------------------------------------------- task
 def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = None) -> dict[str, Any]:
     """Hydra task entry point (``task=distill``)."""
+    plan = variant_plan(cfg, variants)
+    for name, _, variant_cfg in plan:  # every variant's config, before the data loads and the teacher trains
+        try:
+            check_job_config(variant_cfg)
+        except ConfigError as error:
+            raise ConfigError(f"variant '{name}': {error}" if len(plan) > 1 else str(error)) from None
     datamodule = hydra.utils.instantiate(cfg.data.module)
     splits = datamodule.load_splits()
     if splits.num_labels != int(cfg.data.num_labels):
@@ -529,7 +536,6 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
         from opdf_exp.models.hf import check_student_vocabulary
 
         check_student_vocabulary(student_builder.name_or_path, student_builder.get("teacher_tokenizer"))
-    plan = variant_plan(cfg, variants)
     if cfg.get("ckpt_path") and len(plan) > 1:
         raise ConfigError("ckpt_path resumes a single student; set task.variants=null or run the variant on its own")
     loggers = build_loggers(cfg.get("logger"))

@@ -8,7 +8,8 @@ What it adds to Lightning's defaults:
   uninterrupted one would have (the data order is restored by the DataModule's resumable sampler);
 * validation at the end of a step budget shorter than an epoch (so a best checkpoint is always ranked);
 * per-stage checkpoint folders and metric prefixes (``kd_opdf/val/acc``);
-* a clear error, before any training, for a GPU strategy on a machine without a GPU.
+* a clear error, before any training, for a GPU strategy on a machine without a GPU;
+* a checkpoint of the running stage on the scheduler's pre-emption / time-limit signal (runner/preemption.py).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from opdf_exp.errors import ConfigError, UserError
+from opdf_exp.runner.preemption import CheckpointOnPreemption
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -148,6 +151,13 @@ def check_trainer_config(trainer_cfg: DictConfig | dict) -> None:
             raise ConfigError(f"trainer strategy={strategy} needs GPUs but no CUDA device is visible; use "
                               "trainer=ddp_sim for DDP on 2 CPU processes (gloo)")
         raise ConfigError("trainer=gpu was requested but no CUDA device is visible; use trainer=cpu or trainer=default")
+    if accelerator in ("gpu", "cuda"):
+        from opdf_exp.runner.resolvers import device_count
+
+        wanted, visible = device_count(trainer_cfg.get("devices", 1)), torch.cuda.device_count()
+        if wanted is not None and wanted > visible:
+            raise ConfigError(f"trainer.devices={wanted} but this node has {visible} visible GPU(s); ask the "
+                              f"scheduler for {wanted} (hydra.launcher.gpus_per_node) or set trainer.devices={visible}")
     if strategy.startswith("fsdp") and accelerator == "cpu":
         raise ConfigError("strategy=fsdp needs GPUs; use trainer=ddp_sim to test distributed code on CPU")
 
@@ -176,15 +186,18 @@ def build_trainer(cfg: DictConfig, stage: str, prefix: str, loggers: list,
     callbacks = build_callbacks(cfg.get("callbacks"), stage, prefix, trainer_cfg.get("enable_progress_bar", True),
                                 checkpoints=checkpoints and trainer_cfg.get("enable_checkpointing", True) is not False)
     callbacks.append(RestoreRNGState())
+    callbacks.append(CheckpointOnPreemption())
     callbacks += list(extra_callbacks or [])
     max_steps = int(trainer_cfg.get("max_steps") or -1)
     if max_steps > 0 and trainer_cfg.get("val_check_interval") is None and not trainer_cfg.get("fast_dev_run"):
         callbacks.append(ValidateAtStepBudget(max_steps))
     if not checkpoints:
         trainer_cfg = OmegaConf.merge(trainer_cfg, {"enable_checkpointing": False})
-    io = AtomicCheckpointIO(allow_pickle=bool(cfg.get("allow_unsafe_checkpoints", False)))
+    plugins: list = [AtomicCheckpointIO(allow_pickle=bool(cfg.get("allow_unsafe_checkpoints", False)))]
+    if SLURMEnvironment.detect():  # requeue is submitit's (runner/preemption.py), not Lightning's SIGUSR1 handler
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer_cfg = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k != "logger"}
-    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[io],
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins,
                                    _convert_="all")
 
 

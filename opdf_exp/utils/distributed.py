@@ -18,6 +18,9 @@ def global_rank() -> int:
     for key in ("RANK", "GLOBAL_RANK"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
+    # srun starts every rank of a multi-task SLURM job itself (Lightning's SLURM environment reads the same).
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_PROCID", "").isdigit():
+        return int(os.environ["SLURM_PROCID"])
     # Lightning's subprocess launcher sets LOCAL_RANK (and NODE_RANK) for the ranks it starts.
     local, node = os.environ.get("LOCAL_RANK", ""), os.environ.get("NODE_RANK", "0")
     if local.isdigit():

@@ -1,0 +1,165 @@
+"""Checks of a composed job config that need no training: run on the submitting machine and again at job start.
+
+Why: a bad value must fail in one line before any teacher fine-tunes, and on a cluster before anything is
+submitted. Two kinds of check, kept apart because they run on different machines:
+
+* *config* checks (:func:`check_job_config`): types and values of the trainer, the decomposition, the KD method
+  and the optimizer, for the job and each of its student variants. They hold anywhere, so the submitting process
+  runs them whatever the launcher, and the job runs them again before its first stage.
+* *machine* checks (``check_trainer_config`` in :mod:`opdf_exp.runner.trainer`: is there a GPU?) hold only where
+  the job runs. :func:`check_launch` runs them on the submitting machine only when the jobs run there (a single
+  run, or a local launcher); ``--cfg`` and a SLURM launcher leave them to the job, which writes the one-line
+  failure into its ``error.txt`` so the sweep goes on. The SLURM job's shape is checked against the trainer on the
+  submitting machine, where it is known.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from opdf_exp.errors import ConfigError
+from opdf_exp.runner.resolvers import PROCESS_PER_DEVICE, device_count
+
+# Hydra launchers whose jobs run on the submitting machine (anything else runs elsewhere, e.g. SLURM).
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "hydra_submitit_launcher.submitit_launcher.LocalLauncher")
+TRAINER_INTEGERS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "num_nodes", "log_every_n_steps",
+                    "check_val_every_n_epoch", "accumulate_grad_batches", "num_sanity_val_steps")
+TRAINER_NUMBERS = ("gradient_clip_val", "val_check_interval", "limit_train_batches", "limit_val_batches",
+                   "limit_test_batches", "overfit_batches")
+PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
+              "transformer-engine", "transformer-engine-float16")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_trainer_values(trainer: DictConfig | dict, where: str = "trainer") -> None:
+    """Types and values Lightning would only reject mid-run (``max_epochs=abc`` is a TypeError deep in the loop)."""
+    for key in TRAINER_INTEGERS:
+        value = trainer.get(key)
+        if value is not None and not _is_int(value):
+            raise ConfigError(f"{where}.{key}={value!r} must be an integer")
+    for key in TRAINER_NUMBERS:
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}.{key}={value!r} must be a number")
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise ConfigError(f"{where}.precision={precision!r} is unknown; use one of 32-true, bf16-mixed, 16-mixed, "
+                          "bf16-true, 64-true")
+    devices = trainer.get("devices")
+    try:
+        count = device_count(devices) if devices is not None else 1
+    except (TypeError, ValueError):
+        count = 0
+    if count is not None and count < 1:
+        raise ConfigError(f"{where}.devices={devices!r} must be a positive integer, a list of device ids, -1 or auto")
+
+
+def check_optim_values(optim: DictConfig | dict) -> None:
+    for key in ("lr", "weight_decay", "warmup_ratio"):
+        value = optim.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"optim.{key}={value!r} must be a number")
+    if optim.get("lr") is not None and float(optim.lr) <= 0:
+        raise ConfigError(f"optim.lr={optim.lr} must be > 0")
+
+
+def check_job_config(cfg: DictConfig) -> None:
+    """Every check of one composed config that needs neither a model nor a GPU (see the module docstring)."""
+    from opdf_exp.mpo import check_decomposition
+
+    if "trainer" in cfg:
+        check_trainer_values(cfg.trainer)
+    finetune_trainer = OmegaConf.select(cfg, "teacher.finetune.trainer")
+    if finetune_trainer is not None:
+        check_trainer_values(finetune_trainer, "teacher.finetune.trainer")
+    if "optim" in cfg and cfg.optim is not None:
+        check_optim_values(cfg.optim)
+    decomposition = cfg.get("decomposition")
+    if decomposition is not None and "kind" in decomposition:
+        options = OmegaConf.to_container(decomposition, resolve=True)
+        try:
+            check_decomposition(**{k: v for k, v in options.items() if k != "align"})
+        except ConfigError as error:
+            raise ConfigError(f"decomposition: {error}") from None
+        align = options.get("align") or {}
+        weight = align.get("weight", 0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"decomposition.align.weight={weight!r} must be a number >= 0")
+    if OmegaConf.select(cfg, "distill.name") is not None and "terms" in cfg.distill:
+        from opdf_exp.distill.methods import create_method
+
+        options = cfg.distill.get("method")
+        create_method(str(cfg.distill.name), **(OmegaConf.to_container(options, resolve=True) if options else {}))
+
+
+def variant_overrides(cfg: DictConfig) -> Iterable[tuple[str, list[str]]]:
+    """``(name, overrides)`` of each student variant of a distillation job (none for other tasks)."""
+    variants = OmegaConf.select(cfg, "task.variants")
+    for name, spec in (variants or {}).items():
+        if spec is not None:
+            yield str(name), list(spec.get("overrides", []) or [])
+
+
+def check_job_and_variants(cfg: DictConfig, compose: Callable[[list[str]], DictConfig]) -> None:
+    """:func:`check_job_config` on the job and on each variant (``compose(extra)`` composes the job's overrides
+    plus the variant's); an error names the variant."""
+    check_job_config(cfg)
+    for name, extra in variant_overrides(cfg):
+        if not extra:
+            continue
+        try:
+            check_job_config(compose(extra))
+        except ConfigError as error:
+            raise ConfigError(f"variant '{name}': {error}") from None
+
+
+def launcher_target(cfg: DictConfig) -> str:
+    return str(OmegaConf.select(cfg, "hydra.launcher._target_") or "")
+
+
+def runs_elsewhere(cfg: DictConfig, multirun: bool) -> bool:
+    """Whether the jobs run on another machine: only a multirun hands its jobs to the launcher."""
+    target = launcher_target(cfg)
+    return multirun and bool(target) and not target.endswith(LOCAL_LAUNCHERS)
+
+
+def check_slurm_shape(cfg: DictConfig) -> None:
+    """The SLURM job asked for must fit the trainer: enough GPUs per node for ``trainer.devices``, and no CPU
+    DDP on a GPU allocation unless asked for explicitly."""
+    launcher = cfg.hydra.launcher
+    trainer = cfg.trainer
+    gpus = launcher.get("gpus_per_node")
+    devices = device_count(trainer.get("devices", 1))
+    accelerator = str(trainer.get("accelerator", "auto"))
+    strategy = str(trainer.get("strategy", "auto"))
+    if accelerator != "cpu" and devices is not None and gpus is not None and devices > int(gpus):
+        raise ConfigError(f"trainer.devices={devices} but hydra.launcher.gpus_per_node={gpus}: the job would get "
+                          f"fewer GPUs than Lightning uses; set hydra.launcher.gpus_per_node={devices} (or leave it "
+                          "unset: it follows trainer.devices)")
+    if accelerator == "cpu" and strategy.startswith(PROCESS_PER_DEVICE) and not cfg.get("allow_cpu_ddp_on_cluster"):
+        raise ConfigError("trainer=ddp_sim runs DDP on CPU processes, which wastes a GPU allocation; use trainer=ddp "
+                          "for GPUs, or set allow_cpu_ddp_on_cluster=true to run CPU DDP on the cluster on purpose")
+    tasks = int(launcher.get("tasks_per_node") or 1)
+    if strategy.startswith(PROCESS_PER_DEVICE) and not strategy.startswith("ddp_spawn") and devices is not None \
+            and tasks != devices:
+        raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: Lightning under "
+                          "SLURM needs one task per device; leave hydra.launcher.tasks_per_node unset (it follows "
+                          "trainer.devices)")
+
+
+def check_launch(cfg: DictConfig, *, multirun: bool, printing: bool) -> None:
+    """Machine checks on the submitting process: the accelerator only when the jobs run here, the SLURM shape
+    when they are submitted to SLURM; nothing when only printing the config."""
+    from opdf_exp.runner.trainer import check_trainer_config
+
+    if printing:
+        return
+    if runs_elsewhere(cfg, multirun):
+        if launcher_target(cfg).endswith("SlurmLauncher"):
+            check_slurm_shape(cfg)
+        return
+    check_trainer_config(cfg.trainer)
