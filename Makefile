@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all test-slow quickstart bench clean
+.PHONY: help install test test-all test-slow quickstart bench gpu-check clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench: ## Run the benchmark scripts (MPO speed and numerics, geometry sweep timi
 	$(BIN)/python experiments/bench_mpo.py
 	$(BIN)/python experiments/bench_geometry.py toy
 	$(BIN)/python experiments/bench_geometry.py floor
+
+gpu-check: ## On a one-GPU machine: every GPU path in <= 8 minutes, written to gpu_report.md (scripts/gpu_check.py)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) scripts/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS),)   # a GPU image has no .venv
 
 clean: ## Remove logs, caches and build artefacts (keeps .venv)
 	rm -rf logs outputs multirun wandb lightning_logs .cache build dist *.egg-info .pytest_cache

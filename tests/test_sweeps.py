@@ -65,9 +65,11 @@ def test_killed_sweep_relaunches_and_runs_every_job_exactly_once(tmp_path):
     assert (sweep / "summary.md").is_file()
 
 
-def test_job_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path):
+def test_job_killed_or_preempted_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path):
     """SIGKILL at step 5 of 10 (last.ckpt at step 4, mid-epoch: 6 batches an epoch), relaunch into the same run
-    folder: the final metrics and the per-step training losses equal the uninterrupted run's."""
+    folder: the final metrics and the per-step training losses equal the uninterrupted run's. The same for the
+    scheduler's warning signal (SIGUSR2) at step 3: the job saves the stage at once, exits 128 + 12 with one line
+    saying how to continue, and the relaunch resumes from that step."""
     common = [*SMALL, "logger=csv", "trainer.log_every_n_steps=1", "data.module.limit_train_examples=96",
               "trainer.max_steps=10", "trainer.val_check_interval=2", "callbacks.model_checkpoint.monitor=null",
               "optim.lr=1e-3"]
@@ -91,6 +93,19 @@ def test_job_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path):
 
     straight, resumed_losses = losses("straight"), losses("resumed")
     assert resumed_losses and all(straight[step] == value for step, value in resumed_losses.items())
+
+    signalled = [*common, f"hydra.run.dir={tmp_path / 'preempted'}",
+                 "+callbacks.preempt._target_=tests.helpers.signal_at_step.SignalAtStep", "+callbacks.preempt.step=3",
+                 f"+callbacks.preempt.marker={tmp_path / 'preempted' / 'signalled'}"]
+    preempted = run_cli(signalled, tmp_path, **env)
+    assert preempted.returncode == 128 + signal.SIGUSR2, preempted.stderr[-3000:]
+    assert "pre-empted by SIGUSR2" in preempted.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "preempted" / "results.json").exists()
+    assert (tmp_path / "preempted" / "checkpoints" / "student" / "last.ckpt").is_file()
+    relaunched = run_cli(signalled, tmp_path, **env)  # the marker says it was signalled: no second signal
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    c = json.loads((tmp_path / "preempted" / "results.json").read_text())
+    assert c["variants"][0]["steps"] == 10 and c["metrics"] == a["metrics"]
 
 
 def test_failing_job_writes_error_txt_and_the_sweep_goes_on(tmp_path):

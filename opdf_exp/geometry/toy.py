@@ -145,10 +145,18 @@ class TmsLoss(torch.autograd.Function):
     ``loss_m = mean_b sum_i I_i (ReLU(W_m^T W_m x + b_m)_i - target_i)^2``. Autograd keeps about twice as many
     (M, batch, n) intermediates; this version is ~2x faster on CPU, where the sweep is memory-bound.
     Gradients match autograd to float32 rounding (tested).
+
+    Always float32, autocast or not: the study measures loss floors to a few parts in 10^4, which bf16 (8 bits of
+    mantissa) cannot resolve, and a backward written by hand must see the dtypes its forward saved.
     """
 
     @staticmethod
     def forward(ctx, w, b, x, target, imp):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return TmsLoss._forward(ctx, w.float(), b.float(), x.float(), target.float(), imp.float())
+
+    @staticmethod
+    def _forward(ctx, w, b, x, target, imp):
         m, batch, _ = x.shape
         h = torch.bmm(x, w.transpose(1, 2))
         out = torch.baddbmm(b, h, w).clamp_min_(0)

@@ -27,7 +27,7 @@ from opdf_exp.geometry import toy
 from opdf_exp.geometry.distill_lm import LMTrainConfig, eval_loader, lm_cross_entropy, train_loader
 from opdf_exp.geometry.sae import SAETrainConfig, SparseAutoencoder
 from opdf_exp.geometry.toy import _Bank
-from opdf_exp.utils.optim import adamw, with_schedule
+from opdf_exp.utils.optim import adamw, fused_for, with_schedule
 from opdf_exp.utils.threads import torch_threads
 
 
@@ -146,7 +146,7 @@ class _LMBase(pl.LightningModule):
         raise NotImplementedError
 
     def configure_optimizers(self):
-        opt = adamw([self.trainable()], self.lr, self.weight_decay, self.betas)
+        opt = adamw([self.trainable()], self.lr, self.weight_decay, self.betas, fused_for(self))
         return with_schedule(opt, self.warmup_steps, self.max_steps, "cosine", min_ratio=0.1)
 
     def on_validation_epoch_start(self) -> None:

@@ -22,7 +22,7 @@ from opdf_exp.distill.lgtm import lgtm_teacher_gradients
 from opdf_exp.distill.loss import DistillationLoss, DistillContext
 from opdf_exp.errors import ConfigError
 from opdf_exp.lit.module import DistillationModule
-from opdf_exp.utils.optim import adamw, with_schedule
+from opdf_exp.utils.optim import adamw, fused_for, with_schedule
 
 
 class LGTMModule(DistillationModule):
@@ -98,8 +98,8 @@ class LGTMModule(DistillationModule):
         hp = self.hparams
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(hp.warmup_ratio * total)
-        student = with_schedule(adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas)),
+        student = with_schedule(adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self)),
                                 warmup, total, hp.scheduler)
-        teacher = with_schedule(adamw([self.teacher], self.teacher_lr, hp.weight_decay, tuple(hp.betas)),
+        teacher = with_schedule(adamw([self.teacher], self.teacher_lr, hp.weight_decay, tuple(hp.betas), fused_for(self)),
                                 warmup, total, hp.scheduler)
         return [student["optimizer"], teacher["optimizer"]], [student["lr_scheduler"], teacher["lr_scheduler"]]

@@ -26,7 +26,7 @@ from opdf_exp.distill.adapters import ModelOutputs, adapter_for
 from opdf_exp.distill.loss import DistillationLoss, DistillContext
 from opdf_exp.distill.taps import ForwardTaps
 from opdf_exp.errors import ConfigError
-from opdf_exp.utils.optim import adamw, with_schedule
+from opdf_exp.utils.optim import adamw, fused_for, with_schedule
 
 
 def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torchmetrics.MetricCollection:
@@ -208,7 +208,7 @@ class DistillationModule(pl.LightningModule):
     # -- optimisation
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas))
+        optimizer = adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler)
 

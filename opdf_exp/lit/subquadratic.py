@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from opdf_exp.distill.adapters import model_logits
 from opdf_exp.errors import ConfigError
 from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
-from opdf_exp.utils.optim import adamw, with_schedule
+from opdf_exp.utils.optim import adamw, fused_for, with_schedule
 
 TARGETS = ("matrix", "output")
 KL_REDUCTIONS = ("token_mean", "batchmean")
@@ -69,7 +69,7 @@ class _StageModule(pl.LightningModule):
         if not params:
             raise ConfigError(f"{type(self).__name__}: nothing to train (every parameter is frozen)")
         holder = nn.ParameterList(params)
-        optimizer = adamw([holder], hp.lr, hp.weight_decay, tuple(hp.betas))
+        optimizer = adamw([holder], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio,
                              hp.decay_ratio)

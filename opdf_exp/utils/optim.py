@@ -16,6 +16,14 @@ SCHEDULES = ("linear", "cosine", "constant", "tail_linear", "wsd")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def fused_for(module: nn.Module) -> bool | None:
+    """``fused`` for :func:`adamw` in a LightningModule: off under mixed precision, else automatic. Why:
+    Lightning's mixed-precision plugin refuses gradient clipping with an optimizer that unscales its own gradients
+    (every fused one), so a CPU job in ``bf16-mixed`` with ``gradient_clip_val`` would stop at its first step."""
+    trainer = getattr(module, "_trainer", None)  # attached while Lightning calls configure_optimizers
+    return False if "mixed" in str(getattr(trainer, "precision", "")) else None
+
+
 def adamw(modules: Iterable[nn.Module], lr: float, weight_decay: float = 0.0,
           betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``modules``; biases and norm weights (< 2 dims) get no decay.
