@@ -120,23 +120,34 @@ def test_failing_job_writes_error_txt_and_the_sweep_goes_on(tmp_path):
     assert summary["complete"] == 1 and len(summary["failed"]) == 1 and "past the teacher" in summary["failed"][0]["error"]
 
 
-def test_ddp_on_two_cpu_processes(tmp_path):
-    """trainer=ddp_sim runs 2 gloo processes: one results.json (rank zero), world size 2, each step takes two
-    batches (the epoch count doubles at the same step budget), and evaluation of the same untrained teacher
-    equals the single-process run's."""
+def test_ddp_on_two_cpu_processes_in_a_multirun(tmp_path):
+    """``-m trainer=ddp_sim seed=42,1`` with the default variants (four students per job): each job runs on 2 gloo
+    processes, writes one results.json (rank zero) with world size 2, each step takes two batches (the epoch
+    count doubles at the same step budget), evaluation of the same untrained teacher equals the single-process
+    run's, and the end-of-sweep report reads both jobs."""
     common = [*SMALL, "teacher.finetune.enabled=false", "trainer.max_steps=4", "data.module.limit_train_examples=64",
               "save_student=false"]
     single = run_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, timeout=200)
     started = time.perf_counter()
-    ddp = run_cli([*common, "trainer=ddp_sim", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, timeout=200)
-    assert time.perf_counter() - started < 180  # never hangs
+    sweep = tmp_path / "two"
+    with_variants = [o for o in common if o != "task.variants=null"]
+    ddp = run_cli(["-m", *with_variants, "task.variants.no_kd=null", "task.variants.kd_svd=null", "trainer=ddp_sim",
+                   "seed=42,1", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=300)
+    assert time.perf_counter() - started < 280  # never hangs
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-3000:]
-    assert (ddp.stdout + ddp.stderr).count("results written") == 1
-    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    assert one["world_size"] == 1 and two["world_size"] == 2 and two["variants"][0]["world_size"] == 2
-    assert one["variants"][0]["epochs"] == 1 and two["variants"][0]["epochs"] == 2  # 64 examples, 16 x 2 a step
+    assert (ddp.stdout + ddp.stderr).count("results written") == 2  # one per job, by rank zero
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    jobs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert one["world_size"] == 1 and all(job["world_size"] == 2 for job in jobs)
+    two = jobs[0]  # seed 42, as the single run
+    kd = next(v for v in two["variants"] if v["name"] == "kd")  # the single run's student is KD too
+    assert {v["name"] for v in two["variants"]} == {"kd", "kd_opdf"} and all(v["world_size"] == 2 for v in two["variants"])
+    assert one["variants"][0]["epochs"] == 1 and kd["epochs"] == 2  # 64 examples, 16 x 2 a step
     for key, value in one["teacher"]["metrics"].items():
         assert two["teacher"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["complete"] == 2 and not summary["failed"]
+    assert {row["model"] for row in summary["experiments"][0]["rows"]} >= {"KD", "KD + OPDF (MPO)"}
 
 
 @pytest.mark.slow  # ddp_spawn starts 2 processes per fit, validate and test: about a minute on 2 cores
