@@ -163,3 +163,63 @@ def check_launch(cfg: DictConfig, *, multirun: bool, printing: bool) -> None:
             check_slurm_shape(cfg)
         return
     check_trainer_config(cfg.trainer)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+def teacher_skeleton(model_cfg: DictConfig):
+    """The teacher's architecture on the meta device (no weights read, no memory): from its ``config.json`` for a
+    pretrained transformers model, from the builder itself for random or timm models without weights. ``None``
+    for builders it does not know (their shapes are checked when they are built)."""
+    import hydra
+    import torch
+
+    target = str(model_cfg.get("_target_", ""))
+    options = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "_target_"}
+    if target.endswith("load_classifier"):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from opdf_exp.hub import resolve_model_path
+
+        path = resolve_model_path(options.pop("name_or_path"), override_key=options.pop("override_key",
+                                                                                     "teacher.model.name_or_path"))
+        config = AutoConfig.from_pretrained(path, num_labels=options.pop("num_labels"),
+                                            problem_type=options.pop("problem_type", None), **options)
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+    weightless = not options.get("pretrained") and not options.get("checkpoint_path")
+    if target.endswith(("random_classifier", "create_timm_classifier")) and weightless:
+        with torch.device("meta"):
+            return hydra.utils.instantiate(model_cfg)
+    return None
+
+
+def check_model_shapes(cfg: DictConfig, variant_cfgs: Iterable[tuple[str, DictConfig]]) -> bool:
+    """Build the teacher and each variant's student on the meta device and plan each variant's decomposition,
+    so a student layer map past the teacher's depth or MPO factors that do not fit a matrix fail at job start,
+    before the teacher fine-tunes. Returns whether the check could run (a builder it does not know skips it)."""
+    import hydra
+    import torch
+
+    from opdf_exp.mpo import plan_decomposition
+
+    teacher = teacher_skeleton(cfg.teacher.model)
+    if teacher is None:
+        return False
+    for name, variant_cfg in variant_cfgs:
+        builder = variant_cfg.student.model
+        if not str(builder.get("_target_", "")).endswith(("student_from_teacher", "timm_student")) or \
+                builder.get("pretrained") or builder.get("checkpoint_path"):
+            continue
+        prefix = f"variant '{name}': " if name else ""
+        try:
+            with torch.device("meta"):
+                student = hydra.utils.instantiate(builder)(teacher=teacher)
+            decomposition = variant_cfg.decomposition
+            if decomposition.kind != "none":
+                options = OmegaConf.to_container(decomposition, resolve=True)
+                n = 2 if options["kind"] == "svd" else options.get("n")
+                plan_decomposition(student, targets=options.get("targets"), factors=options.get("factors"), n=n,
+                                   max_bond=options.get("max_bond"), layout=options.get("layout", "balanced"))
+        except ConfigError as error:
+            raise ConfigError(f"{prefix}{error}") from None
+    return True

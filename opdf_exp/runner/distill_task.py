@@ -43,7 +43,7 @@ from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import job_overrides
-from opdf_exp.runner.checks import check_job_config
+from opdf_exp.runner.checks import check_job_config, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
@@ -521,6 +521,7 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
             check_job_config(variant_cfg)
         except ConfigError as error:
             raise ConfigError(f"variant '{name}': {error}" if len(plan) > 1 else str(error)) from None
+    check_model_shapes(cfg, [(name if len(plan) > 1 else "", variant_cfg) for name, _, variant_cfg in plan])
     datamodule = hydra.utils.instantiate(cfg.data.module)
     splits = datamodule.load_splits()
     if splits.num_labels != int(cfg.data.num_labels):
