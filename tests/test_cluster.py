@@ -52,6 +52,9 @@ def test_login_node_composes_and_submits_gpu_configs(argv):
     (["trainer.precision=bf17"], "trainer.precision='bf17' is unknown"),
     (["optim.lr=-1"], "optim.lr=-1 must be > 0"),
     (["distill.name=nope"], "KD method 'nope' is unknown"),
+    (["-m", "hydra/launcher=slurm", "trainer=fsdp", "+trainer.strategy._target_=pytorch_lightning.strategies.FSDPStrategy",
+      "+trainer.strategy.use_orig_params=false", "decomposition=mpo", "decomposition.train_central=false"],
+     "set trainer.strategy.use_orig_params=true"),
 ])
 def test_bad_config_fails_on_the_submitting_machine_in_one_line(argv, expected):
     with pytest.raises(UserError) as error:

@@ -89,11 +89,32 @@ def check_job_config(cfg: DictConfig) -> None:
         weight = align.get("weight", 0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"decomposition.align.weight={weight!r} must be a number >= 0")
+    check_fsdp_sharding(cfg)
     if OmegaConf.select(cfg, "distill.name") is not None and "terms" in cfg.distill:
         from opdf_exp.distill.methods import create_method
 
         options = cfg.distill.get("method")
         create_method(str(cfg.distill.name), **(OmegaConf.to_container(options, resolve=True) if options else {}))
+
+
+def check_fsdp_sharding(cfg: DictConfig) -> None:
+    """FSDP with ``use_orig_params=false`` flattens each wrapped module's parameters into one FlatParameter, which
+    must be all trainable or all frozen; an MPO student with frozen central or auxiliary tensors (or any frozen
+    student parameter) mixes both in one module and FSDP stops at wrap time, on the GPU node."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if not OmegaConf.is_dict(strategy) or "fsdp" not in str(strategy.get("_target_", "")).lower():
+        return
+    if strategy.get("use_orig_params", True):
+        return  # Lightning's default: per-parameter requires_grad is kept
+    decomposition = cfg.get("decomposition") or {}
+    frozen = []
+    if decomposition.get("kind", "none") != "none":
+        frozen += [f"decomposition.{k}=false" for k in ("train_central", "train_aux") if decomposition.get(k) is False]
+    if OmegaConf.select(cfg, "student.freeze"):
+        frozen.append(f"student.freeze={list(cfg.student.freeze)}")
+    if frozen:
+        raise ConfigError(f"FSDP with use_orig_params=false cannot shard a student that freezes part of a module "
+                          f"({', '.join(frozen)}); set trainer.strategy.use_orig_params=true (Lightning's default)")
 
 
 def variant_overrides(cfg: DictConfig) -> Iterable[tuple[str, list[str]]]:
