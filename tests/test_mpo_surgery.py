@@ -251,6 +251,27 @@ def test_graph_free_forwards_reuse_w_until_a_tensor_changes(monkeypatch):
     assert len(rebuilds) == 6
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "loop-adamw"])
+def test_graph_free_w_is_never_stale_after_any_optimizer_step(fused):
+    """backward -> graph-free forward (caches W) -> optimizer step -> graph-free forward must see the new W. The
+    fused AdamW writes the tensors without moving their version counters; the cache also keys on a count of
+    optimizer steps, so both kernels give the rebuilt W's output exactly."""
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(48, 96), [4, 2, 3, 4], [4, 3, 2, 2])
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, fused=fused, foreach=False if not fused else None)
+    x = torch.randn(5, 48)
+    layer(x).square().sum().backward()
+    with torch.no_grad():
+        before = layer(x)
+    versions = [t._version for t in layer.tensors]
+    optimizer.step()
+    assert ([t._version for t in layer.tensors] == versions) == fused  # the trap: fused moves no counter
+    with torch.no_grad():
+        after = layer(x)
+        assert not torch.allclose(after, before)
+        assert torch.equal(after, F.linear(x, layer.to_matrix(), layer.bias))
+
+
 def test_mpo_linear_bf16_autocast_keeps_fp32_master_weights():
     torch.manual_seed(0)
     linear = nn.Linear(64, 128)

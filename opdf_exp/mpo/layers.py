@@ -17,9 +17,27 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.mpo.decompose import contract_with_plan, contraction_plan, mpo_decompose
+
+
+class _OptimizerSteps:
+    """Counts optimizer steps process-wide, through torch's global post-step hook.
+
+    Why: the graph-free W cache must notice every update of a local tensor, and torch's fused AdamW (and other
+    fused or foreach kernels) write parameters without moving their version counter. Any ``Optimizer.step`` moves
+    this count, so a cache keyed on it is never stale, whatever the optimizer."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *_args) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_OptimizerSteps.bump)
 
 
 def _distributed() -> bool:
@@ -88,15 +106,17 @@ class _MPOBase(nn.Module):
 
     def _forward_weight(self) -> torch.Tensor:
         """W for this forward: rebuilt with autograd while training; without a graph the last rebuild is reused
-        until a tensor is updated in place (optimizer step, ``load_state_dict``: the version counter moves) or
-        replaced (storage pointer), or the autocast setting differs."""
+        until a tensor is updated in place (``load_state_dict`` and most in-place ops move the version counter; any
+        optimizer step moves :class:`_OptimizerSteps`, fused kernels included) or replaced (storage pointer), or
+        the autocast setting differs. Writes through ``.data`` move neither: call ``_cached_weight = None``."""
         if (torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors)) or _distributed():
             # training needs the graph; under FSDP the unsharded storage is refilled by collectives that need not
             # move the version counter, so a distributed job always rebuilds (correct first, fast second)
             self._cached_weight = None
             return self.to_matrix()
         device_type = self.tensors[0].device.type
-        key = (tuple((t._version, t.data_ptr(), t.dtype) for t in self.tensors), torch.is_autocast_enabled(device_type))
+        key = (tuple((t._version, t.data_ptr(), t.dtype) for t in self.tensors), torch.is_autocast_enabled(device_type),
+               _OptimizerSteps.count)
         cached = getattr(self, "_cached_weight", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
