@@ -174,3 +174,89 @@ def test_llama_and_timm_blocks_are_matched():
     pairs = TensorAlignmentLoss(vit_student, vit_teacher).pairs
     assert {(p.student.split(".")[1], p.teacher.split(".")[1]) for p in pairs} == {("0", "1"), ("1", "3")}
     assert isinstance(vit_teacher.blocks[1].attn.qkv, nn.Linear)  # a plain teacher is never modified
+
+
+def test_relative_reduction_equals_the_hand_computed_value_and_public_map():
+    """relative = mean over aligned tensors of ||S - T||^2 / ||T||^2; public maps block i to teacher block 2i + 1;
+    a student initialised from the blocks it is aligned to is counted (and warned about) as starting at target."""
+    teacher = bert(4)
+    student = student_from(teacher, [0, 1])  # the public code's initialisation: block i from teacher block i
+    overparameterize(student, factors=FACTORS)
+    public = TensorAlignmentLoss(student, teacher, layer_map="public", reduction="relative")
+    assert {(p.student.split(".")[3], p.teacher.split(".")[3]) for p in public.pairs} == {("0", "1"), ("1", "3")}
+    assert public.starts_at_target == 0  # the targets differ from the start: the term can act
+    expected = []
+    for s_name, k, buffer in public._buffer_of:
+        s_t, t_t = public._student_layers[s_name].tensors[k].detach().double(), getattr(public, buffer).double()
+        expected.append(((s_t - t_t) ** 2).sum() / (t_t ** 2).sum())
+    assert public().item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    mean = TensorAlignmentLoss(student, teacher, layer_map="public")  # the public code's MSE is far smaller
+    assert 0 < mean().item() < public().item()
+    with pytest.raises(ConfigError, match="out of range"):  # 2i + 1 past a 2-block teacher
+        TensorAlignmentLoss(student, bert(2), layer_map="public")
+    with pytest.raises(ConfigError, match="reduction='sum' is unknown"):
+        TensorAlignmentLoss(student, teacher, reduction="sum")
+
+
+def test_a_map_onto_the_students_own_start_is_counted_and_warned(caplog):
+    teacher = bert(4)
+    student = student_from(teacher, [1, 3])  # what student=from_teacher does; the uniform map aligns to [1, 3]
+    overparameterize(student, factors=FACTORS)
+    with caplog.at_level("WARNING"):
+        loss_fn = TensorAlignmentLoss(student, teacher)
+    assert loss_fn.starts_at_target == len(loss_fn.pairs) == 24
+    lines = [r.getMessage() for r in caplog.records if "already equal their targets" in r.getMessage()]
+    assert len(lines) == 1 and "24 of 24" in lines[0] and "align.layer_map=public" in lines[0]
+
+
+def test_step_amplification_equals_a_hand_computed_adam_step():
+    """n = 2: one Adam step moves each factor by lr * g / (|g| + eps) (step 1, bias-corrected); the dense W moves
+    by lr * g_W / (|g_W| + eps). The ratio of the two ||dW|| is what step_amplification reports."""
+    from opdf_exp.mpo import MPOLinear, mpo_contract, step_amplification
+
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 6)
+    layer = MPOLinear.from_linear(linear, [2, 3], [3, 4])
+    x, target = torch.randn(10, 12), torch.randn(10, 6)
+
+    def loss(model):
+        return ((model(x) - target) ** 2).mean()
+
+    lr, eps = 1e-3, 1e-8
+    tensors = [t.detach().clone().requires_grad_(True) for t in layer.tensors]
+    w_before = mpo_contract(tensors).detach()
+    out = x @ mpo_contract(tensors).t() + linear.bias.detach()
+    grads = torch.autograd.grad(((out - target) ** 2).mean(), tensors)
+    moved = [t.detach() - lr * g / (g.abs() + eps) for t, g in zip(tensors, grads)]
+    mpo_step = (mpo_contract(moved) - w_before).norm()
+    w = w_before.clone().requires_grad_(True)
+    g_w, = torch.autograd.grad((((x @ w.t() + linear.bias.detach()) - target) ** 2).mean(), w)
+    dense_step = (lr * g_w / (g_w.abs() + eps)).norm()
+    expected = (mpo_step / dense_step).item()
+    assert step_amplification(layer, loss, lr=lr, eps=eps) == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(layer.to_matrix().detach(), w_before)  # the layer itself did not move
+    with pytest.raises(ConfigError, match="no effect on a student without MPO layers"):
+        step_amplification(linear, loss)
+
+
+def test_parameter_groups_by_role():
+    from opdf_exp.utils.optim import adamw, parameter_groups
+
+    model = bert(2)
+    overparameterize(model, n=3, targets=["*.intermediate.dense", "*.output.dense"])
+    groups = parameter_groups([model])
+    mpo_ids = {id(t) for layer in mpo_layers(model).values() for t in layer.tensors}
+    assert {id(p) for p in groups["mpo"]} == mpo_ids
+    assert id(model.bert.embeddings.word_embeddings.weight) in {id(p) for p in groups["no_decay"]}
+    assert all(p.dim() < 2 for p in groups["no_decay"] if p is not model.bert.embeddings.word_embeddings.weight
+               and p is not model.bert.embeddings.position_embeddings.weight
+               and p is not model.bert.embeddings.token_type_embeddings.weight)
+    assert all(p.dim() >= 2 for p in groups["matrices"]) and not mpo_ids & {id(p) for p in groups["matrices"]}
+    assert sum(len(g) for g in groups.values()) == len([p for p in model.parameters() if p.requires_grad])
+    optimizer = adamw([model], 1e-3, 0.01, mpo_lr_scale=0.25, mpo_weight_decay=0.0)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert by_name["mpo"]["lr"] == pytest.approx(2.5e-4) and by_name["mpo"]["weight_decay"] == 0.0
+    assert by_name["matrices"]["lr"] == 1e-3 and by_name["matrices"]["weight_decay"] == 0.01
+    assert by_name["no_decay"]["weight_decay"] == 0.0
+    with pytest.raises(ConfigError, match="lr_scale=0 must be > 0"):
+        adamw([model], 1e-3, mpo_lr_scale=0)

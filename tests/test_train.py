@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -148,6 +149,8 @@ BAD_INPUTS = {
     "mpo_order_zero": (["decomposition=mpo", "decomposition.n=0"], "decomposition: n=0 must be an integer >= 2"),
     "variant_mpo_order_one": (["decomposition.n=1"], "variant 'kd_opdf': decomposition: n=1"),
     "max_epochs_text": (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' must be an integer"),
+    "align_map_past_the_teacher": (["decomposition=mpo", "+decomposition.align.layer_map={0: 1, 1: 7}"],
+                                   "decomposition.align.layer_map: layer_map entries {1: 7} are out of range"),
     "factors_miss_a_dimension": (["decomposition=mpo", "decomposition.factors={32: [4, 8]}", "decomposition.n=null"],
                                  "no factors for dimension 64 (module bert.encoder.layer.0.intermediate.dense)"),  # a shape check
 }
@@ -232,3 +235,27 @@ def test_train_false_evaluates_without_training(tmp_path, tiny_overrides):
         result = run_task(cfg)
     assert result["variants"][0]["steps"] == 0 and "test/acc" in result["metrics"]
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "complete"
+
+
+def test_mpo_rate_by_measured_amplification_and_alignment_gradient_ratio_are_logged(tmp_path, tiny_overrides):
+    """decomposition.lr_scale=auto measures the step amplification on the first batch and trains the MPO tensors
+    at lr / amplification (other groups at lr); the relative alignment term on the public map (2i + 1, targets
+    that differ from the start) logs how its gradient compares with the rest, every log_every_n_steps."""
+    import csv
+
+    overrides = [*tiny_overrides, "task.variants=null", "logger=csv", "decomposition=mpo", "decomposition.n=3",
+                 "decomposition.lr_scale=auto", "decomposition.align.reduction=relative",
+                 "decomposition.align.layer_map=public", "decomposition.align.weight=0.1",
+                 "student.model.num_layers=null", "student.model.layers=[0,1]", "optim.warmup_ratio=0"]
+    with compose_job(overrides, tmp_path) as cfg:
+        run_task(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    first = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k.startswith(("opdf/", "opt/"))}
+    amplification = first["opdf/step_amplification"]
+    # a tiny random BERT's small weights (std 0.02) make the MPO step the shorter one; a pretrained MiniLM's make it
+    # 1.8-6.6x longer (issue 17): either way auto matches the two
+    assert 0.05 < amplification < 20 and amplification != 1.0
+    assert first["opt/mpo/lr"] == pytest.approx(first["opt/matrices/lr"] / amplification, rel=1e-6)
+    assert first["opt/mpo/weight_decay"] == 0.0 and first["opt/matrices/weight_decay"] == 0.01
+    ratios = [float(r["train/align_grad_ratio"]) for r in rows if r.get("train/align_grad_ratio")]
+    assert len(ratios) >= 2 and all(math.isfinite(r) and r > 0 for r in ratios)

@@ -15,6 +15,7 @@ run continues the same schedule).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -26,7 +27,9 @@ from opdf_exp.distill.adapters import ModelOutputs, adapter_for
 from opdf_exp.distill.loss import DistillationLoss, DistillContext
 from opdf_exp.distill.taps import ForwardTaps
 from opdf_exp.errors import ConfigError
-from opdf_exp.utils.optim import adamw, fused_for, with_schedule
+from opdf_exp.utils.optim import adamw, describe_groups, fused_for, rescale_group_lr, with_schedule
+
+log = logging.getLogger(__name__)
 
 
 def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torchmetrics.MetricCollection:
@@ -50,6 +53,27 @@ def build_metrics(problem_type: str, num_labels: int, names: list[str]) -> torch
     return torchmetrics.MetricCollection({name: factories[name]() for name in names}, compute_groups=False)
 
 
+def alignment_gradient_ratio(alignment: nn.Module, weight: float, student: nn.Module) -> float | None:
+    """||grad of weight * alignment|| / ||the rest of the gradient|| over the student's MPO tensors, read after
+    the backward (``.grad`` holds the total): the alignment part is recomputed alone (it reads only the tensors),
+    the rest is the total minus it. ``None`` when no MPO tensor has a gradient yet."""
+    from opdf_exp.mpo.layers import MPO_LAYER_TYPES
+
+    tensors = [t for m in student.modules() if isinstance(m, MPO_LAYER_TYPES) for t in m.tensors
+               if t.requires_grad and t.grad is not None]
+    if not tensors:
+        return None
+    with torch.enable_grad():
+        align_grads = torch.autograd.grad(weight * alignment(), tensors, allow_unused=True)
+    align_sq = rest_sq = 0.0
+    for tensor, g_align in zip(tensors, align_grads):
+        total = tensor.grad.detach().float()
+        g_align = torch.zeros_like(total) if g_align is None else g_align.detach().float()
+        align_sq += float(g_align.square().sum())
+        rest_sq += float((total - g_align).square().sum())
+    return (align_sq ** 0.5) / max(rest_sq ** 0.5, 1e-30)
+
+
 def _reads_scores(metric: torchmetrics.Metric) -> torchmetrics.Metric:
     """Mark a metric that is updated with the logits (top-k) instead of the predicted labels."""
     metric.reads_scores = True
@@ -68,7 +92,8 @@ class DistillationModule(pl.LightningModule):
                  metrics: list[str] | None = None, lr: float = 5e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), scheduler: str = "linear",
                  log_prefix: str = "", compile: bool = False, teacher_cache=None,
-                 train_model: nn.Module | None = None):
+                 train_model: nn.Module | None = None, mpo_lr_scale: float | str = 1.0,
+                 mpo_weight_decay: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache", "train_model"])
         self.teacher_cache = teacher_cache  # TeacherOutputCache: training reads the teacher's outputs from disk
@@ -205,12 +230,63 @@ class DistillationModule(pl.LightningModule):
             self.log_dict(metrics.compute(), add_dataloader_idx=False, sync_dist=True)
             metrics.reset()
 
-    # -- optimisation
+    # -- optimisation: parameter groups by role (utils.optim.parameter_groups); the MPO tensors' own rate and decay
+    def _numeric_mpo_lr_scale(self) -> float:
+        scale = self.hparams.get("mpo_lr_scale", 1.0)
+        return 1.0 if str(scale) == "auto" else float(scale)  # auto: rescaled at the fit's start
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self))
+        optimizer = adamw([self.student, self.loss], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self),
+                          mpo_lr_scale=self._numeric_mpo_lr_scale(), mpo_weight_decay=hp.get("mpo_weight_decay", 0.0))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler)
+
+    def on_train_start(self) -> None:
+        """``mpo_lr_scale=auto``: measure the step amplification on the first training batch and divide the MPO
+        group's rate by it (a resumed fit keeps the rate its checkpoint restored). Then log every group's rate
+        and decay, so a reader of any run sees what each role trained at."""
+        extra: dict[str, float] = {}
+        if str(self.hparams.get("mpo_lr_scale", 1.0)) == "auto" and self.trainer.ckpt_path is None:
+            amplification = self._measure_step_amplification()
+            rescale_group_lr(self.trainer, "mpo", 1.0 / amplification)
+            extra["opdf/step_amplification"] = amplification
+            log.info("%sMPO step amplification %.3f: the MPO tensors train at lr x %.4f", self.prefix, amplification,
+                     1.0 / amplification)
+        metrics = {f"{self.prefix}{k}": v for k, v in extra.items()}
+        for optimizer in self.trainer.optimizers:
+            metrics.update({f"{self.prefix}{k}": v for k, v in describe_groups(optimizer).items()})
+            log.info("%sparameter groups: %s", self.prefix, ", ".join(
+                f"{g.get('name')} lr={g['lr']:.3g} wd={g.get('weight_decay', 0):g} "
+                f"({sum(p.numel() for p in g['params']):,} params)" for g in optimizer.param_groups))
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+
+    def _measure_step_amplification(self) -> float:
+        from opdf_exp.mpo import step_amplification
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            batch = next(iter(self.trainer.train_dataloader))  # the job's own first batch; the RNG is left as it was
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+
+        def task_loss(model: nn.Module) -> torch.Tensor:
+            outputs = self.student_adapter.run(model, batch, False)
+            return self.loss.task_term(DistillContext(student=outputs, labels=batch["labels"]))
+
+        value = torch.tensor(step_amplification(self.student, task_loss), device=self.device, dtype=torch.float64)
+        return float(self.trainer.strategy.reduce(value, reduce_op="mean"))  # one rate for every rank
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Every ``log_every_n_steps``: ``train/align_grad_ratio``, the norm of the tensor-alignment gradient over
+        the norm of the rest of the gradient on the MPO tensors, so any run shows whether the term acts."""
+        weight = self.loss.weights.get("align", 0.0)
+        every = max(int(getattr(self.trainer, "log_every_n_steps", 50) or 50), 1)
+        if weight <= 0 or self.global_step % every:
+            return
+        ratio = alignment_gradient_ratio(self.loss.terms["align"].alignment, weight, self.student)
+        if ratio is not None:
+            self.log(f"{self.prefix}train/align_grad_ratio", ratio, batch_size=1)
 
     # -- checkpoints hold the student (and loss projections), never the frozen teacher nor the training model
     rebuilt_by_runner = ("teacher", "train_model")

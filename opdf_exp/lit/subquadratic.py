@@ -46,7 +46,8 @@ class _StageModule(pl.LightningModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lr: float = 2e-4, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), warmup_ratio: float = 0.1, scheduler: str = "cosine", min_lr_ratio: float = 0.0,
-                 decay_ratio: float = 0.1, gradient_clip: float = 1.0, log_prefix: str = ""):
+                 decay_ratio: float = 0.1, gradient_clip: float = 1.0, log_prefix: str = "",
+                 mpo_lr_scale: float = 1.0, mpo_weight_decay: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "align"])
         self.student, self.teacher = student, teacher
@@ -68,8 +69,9 @@ class _StageModule(pl.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ConfigError(f"{type(self).__name__}: nothing to train (every parameter is frozen)")
-        holder = nn.ParameterList(params)
-        optimizer = adamw([holder], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self))
+        optimizer = adamw([self.student], hp.lr, hp.weight_decay, tuple(hp.betas), fused_for(self),
+                          mpo_lr_scale=float(hp.get("mpo_lr_scale", 1.0)), mpo_weight_decay=hp.get("mpo_weight_decay", 0.0),
+                          only=params)  # the same roles as the distillation task's, restricted to this stage
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         return with_schedule(optimizer, int(hp.warmup_ratio * total), total, hp.scheduler, hp.min_lr_ratio,
                              hp.decay_ratio)

@@ -2,6 +2,7 @@
 
 No Lightning or Hydra imports here (layering rule). See docs/mpo.md for the API, gauge and contraction choices.
 """
+from opdf_exp.mpo.amplification import step_amplification
 from opdf_exp.mpo.align import AlignPair, TensorAlignmentLoss, split_layer_name, uniform_map
 from opdf_exp.mpo.decompose import (check_factors, contraction_plan, fix_signs, mpo_contract, mpo_decompose,
                                     mpo_num_params, mpo_ranks)
@@ -17,5 +18,5 @@ __all__ = [
     "overparameterize", "export_dense", "apply_decomposition", "check_decomposition", "count_params", "mpo_layers", "plan_decomposition",
     "MPOPlanEntry", "balanced_factors", "end_factors", "match_targets", "default_targets", "detect_family",
     "DEFAULT_TARGETS",
-    "TensorAlignmentLoss", "AlignPair", "split_layer_name", "uniform_map",
+    "TensorAlignmentLoss", "AlignPair", "step_amplification", "split_layer_name", "uniform_map",
 ]

@@ -82,6 +82,9 @@ class AlignPair:
     shape: tuple[int, ...]
 
 
+REDUCTIONS = ("mean", "relative")
+
+
 class TensorAlignmentLoss(nn.Module):
     """mean over matched tensors of MSE(student T_k, teacher T_k) for the selected k of every mapped MPO layer.
 
@@ -89,24 +92,35 @@ class TensorAlignmentLoss(nn.Module):
     teacher: either a model with MPO layers of the same factors and gauge, or a plain model; in the latter case the
         matching teacher ``nn.Linear``/``nn.Embedding`` weights are decomposed here (same factors, bond cap and gauge
         as the student layer) without modifying the teacher.
-    layer_map: None or "uniform" (see :func:`uniform_map`), a dict {student block: teacher block} (keys may be
-        strings), or a sequence whose i-th entry is the teacher block of student block i. Student blocks missing
-        from an explicit map are not aligned.
+    layer_map: None or "uniform" (see :func:`uniform_map`), "public" (student block i -> teacher block 2i + 1, the
+        public OPDF code's map, which it pairs with students initialised from teacher blocks 0..S-1), a dict
+        {student block: teacher block} (keys may be strings), or a sequence whose i-th entry is the teacher block
+        of student block i. Student blocks missing from an explicit map are not aligned.
     indices: "auxiliary" (every k except the central (n-1)//2; the paper), "all", "central", or a list of ints
         (negative counts from the end; the public code used [0, 2] or [0, 1, 3, 4]).
     on_mismatch: "error" (ConfigError on any tensor or module that cannot be matched, e.g. different widths) or
         "skip" (leave it out; listed in ``skipped`` and logged).
 
-    ``pairs`` lists what is aligned (for logging). ``forward()`` returns an unweighted scalar; the caller applies
-    the weight lambda (lambda = 0 reproduces the public code, whose loss never had a gradient).
+    reduction: "mean" (the public code's: the mean over tensors of each tensor's mean squared entry difference;
+        tiny, since local tensors have many near-zero entries, so lambda must be ~1e4 before the term acts) or
+        "relative" (the mean over tensors of ||S - T||^2 / ||T||^2, scale-free, so lambda in 1e-3..1 spans weak
+        to strong).
+
+    ``pairs`` lists what is aligned (for logging); ``starts_at_target`` counts the pairs whose student tensor
+    already equals its target (a student initialised from the very blocks it is aligned to: the term is 0 at
+    step 0 and can only pull back to the start; a one-line warning says so). ``forward()`` returns an unweighted
+    scalar; the caller applies the weight lambda (lambda = 0 reproduces the public code, whose loss never had a
+    gradient).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layer_map=None,
-                 indices: str | Sequence[int] = "auxiliary", on_mismatch: str = "error"):
+                 indices: str | Sequence[int] = "auxiliary", on_mismatch: str = "error", reduction: str = "mean"):
         super().__init__()
         if on_mismatch not in ("error", "skip"):
             raise ConfigError(f"on_mismatch={on_mismatch!r} is unknown; use 'error' or 'skip'")
-        self.on_mismatch = on_mismatch
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"align.reduction={reduction!r} is unknown; use one of {', '.join(REDUCTIONS)}")
+        self.on_mismatch, self.reduction = on_mismatch, reduction
         s_layers = mpo_layers(student)
         if not s_layers:
             raise ConfigError("the student has no MPO layers to align; over-parameterize it first "
@@ -148,6 +162,15 @@ class TensorAlignmentLoss(nn.Module):
         if not self.pairs:
             raise ConfigError("tensor alignment matched no tensors between student and teacher (see skipped: "
                               f"{self.skipped[:1]}); check the layer map, factors and widths or set align.weight=0")
+        self.starts_at_target = sum(
+            torch.allclose(self._student_layers[s_name].tensors[k].detach(), getattr(self, buffer), rtol=1e-5,
+                           atol=1e-7) for s_name, k, buffer in self._buffer_of)
+        if self.starts_at_target:
+            log.warning("tensor alignment: %d of %d aligned tensors already equal their targets (the student's blocks "
+                        "were initialised from the teacher blocks they are aligned to), so the term is 0 at step 0 and "
+                        "only pulls back to the start; to transfer from other blocks use align.layer_map=public with "
+                        "student.model.layers=[0,1,...] (the public code's setting)", self.starts_at_target,
+                        len(self.pairs))
 
     # -- construction helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -165,9 +188,11 @@ class TensorAlignmentLoss(nn.Module):
                 t_depth = max(candidates) if candidates else max(t_depths.values(), default=0)
             if layer_map is None or layer_map == "uniform":
                 mapping = uniform_map(s_depth, t_depth)
+            elif layer_map == "public":
+                mapping = {i: 2 * i + 1 for i in range(s_depth)}
             elif isinstance(layer_map, str):
-                raise ConfigError(f"layer_map={layer_map!r} is unknown; use 'uniform', a dict {{student_block: "
-                                  f"teacher_block}} or a list of teacher blocks")
+                raise ConfigError(f"layer_map={layer_map!r} is unknown; use 'uniform', 'public', a dict "
+                                  f"{{student_block: teacher_block}} or a list of teacher blocks")
             elif isinstance(layer_map, Mapping):
                 try:
                     mapping = {int(k): int(v) for k, v in layer_map.items()}
@@ -268,8 +293,15 @@ class TensorAlignmentLoss(nn.Module):
             target = getattr(self, buffer)
             if target.device != param.device:
                 target = target.to(param.device)
-            terms.append(F.mse_loss(param, target))
+            if self.reduction == "relative":
+                terms.append((param - target).square().sum() / target.square().sum().clamp_min(1e-30))
+            else:
+                terms.append(F.mse_loss(param, target))
         return torch.stack(terms).mean()
+
+    def student_tensors(self) -> list[torch.Tensor]:
+        """The student's aligned local tensors (what the term's gradient reaches)."""
+        return [self._student_layers[s_name].tensors[k] for s_name, k, _ in self._buffer_of]
 
     def extra_repr(self) -> str:
         layers = len({p.student for p in self.pairs})

@@ -89,12 +89,47 @@ def check_job_config(cfg: DictConfig) -> None:
         weight = align.get("weight", 0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"decomposition.align.weight={weight!r} must be a number >= 0")
+        check_mpo_optim_values(options)
+        from opdf_exp.mpo.align import REDUCTIONS
+
+        reduction = align.get("reduction", "mean")
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"decomposition.align.reduction={reduction!r} is unknown; use one of "
+                              f"{', '.join(REDUCTIONS)}")
+        layer_map = align.get("layer_map")
+        if isinstance(layer_map, str) and layer_map not in ALIGN_MAPS:
+            raise ConfigError(f"decomposition.align.layer_map={layer_map!r} is unknown; use one of "
+                              f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
     check_fsdp_sharding(cfg)
     if OmegaConf.select(cfg, "distill.name") is not None and "terms" in cfg.distill:
         from opdf_exp.distill.methods import create_method
 
         options = cfg.distill.get("method")
         create_method(str(cfg.distill.name), **(OmegaConf.to_container(options, resolve=True) if options else {}))
+
+
+ALIGN_MAPS = ("uniform", "public", "from_student")
+
+
+def check_mpo_optim_values(options: dict) -> None:
+    """``decomposition.lr_scale``: a number > 0 or ``auto``; ``decomposition.weight_decay``: a number >= 0."""
+    scale = options.get("lr_scale", 1)
+    if str(scale) != "auto":
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f"decomposition.lr_scale={scale!r} must be a number > 0 or auto (divide the MPO "
+                              "tensors' rate by the step amplification measured on the first batch)")
+    decay = options.get("weight_decay", 0.0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+        raise ConfigError(f"decomposition.weight_decay={decay!r} must be a number >= 0")
+
+
+def check_lr_scale_has_effect(configs: Iterable[DictConfig]) -> None:
+    """``lr_scale=auto`` where no student of the job has MPO layers would silently do nothing: say so."""
+    configs = list(configs)
+    asked = any(str(OmegaConf.select(c, "decomposition.lr_scale", default=1)) == "auto" for c in configs)
+    if asked and all(str(OmegaConf.select(c, "decomposition.kind", default="none")) == "none" for c in configs):
+        raise ConfigError("decomposition.lr_scale=auto has no effect: no student of this job has MPO layers (the "
+                          "step amplification is the MPO form's over the dense one); use decomposition=mpo or drop it")
 
 
 def check_fsdp_sharding(cfg: DictConfig) -> None:
@@ -129,13 +164,16 @@ def check_job_and_variants(cfg: DictConfig, compose: Callable[[list[str]], DictC
     """:func:`check_job_config` on the job and on each variant (``compose(extra)`` composes the job's overrides
     plus the variant's); an error names the variant."""
     check_job_config(cfg)
-    for name, extra in variant_overrides(cfg):
-        if not extra:
-            continue
+    variants = list(variant_overrides(cfg))
+    composed = []
+    for name, extra in variants:
         try:
-            check_job_config(compose(extra))
+            variant_cfg = compose(extra) if extra else cfg
+            check_job_config(variant_cfg)
         except ConfigError as error:
             raise ConfigError(f"variant '{name}': {error}") from None
+        composed.append(variant_cfg)
+    check_lr_scale_has_effect(composed or [cfg])
 
 
 def launcher_target(cfg: DictConfig) -> str:
@@ -239,8 +277,18 @@ def check_model_shapes(cfg: DictConfig, variant_cfgs: Iterable[tuple[str, DictCo
             if decomposition.kind != "none":
                 options = OmegaConf.to_container(decomposition, resolve=True)
                 n = 2 if options["kind"] == "svd" else options.get("n")
-                plan_decomposition(student, targets=options.get("targets"), factors=options.get("factors"), n=n,
-                                   max_bond=options.get("max_bond"), layout=options.get("layout", "balanced"))
+                plan = plan_decomposition(student, targets=options.get("targets"), factors=options.get("factors"),
+                                          n=n, max_bond=options.get("max_bond"),
+                                          layout=options.get("layout", "balanced"))
+                align = options.get("align") or {}
+                layer_map = align.get("layer_map")
+                if float(align.get("weight", 0) or 0) > 0 and layer_map not in (None, "uniform", "from_student"):
+                    from opdf_exp.mpo import TensorAlignmentLoss
+
+                    try:  # the map's blocks against both depths (the same check the loss makes after the fine-tune)
+                        TensorAlignmentLoss._resolve_map(student, teacher, layer_map, {e.name: None for e in plan})
+                    except ConfigError as error:
+                        raise ConfigError(f"decomposition.align.layer_map: {error}") from None
         except ConfigError as error:
             raise ConfigError(f"{prefix}{error}") from None
     return True

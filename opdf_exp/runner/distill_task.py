@@ -43,7 +43,7 @@ from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import job_overrides
-from opdf_exp.runner.checks import check_job_config, check_model_shapes
+from opdf_exp.runner.checks import check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
@@ -121,6 +121,16 @@ def student_params(student: torch.nn.Module, loss: torch.nn.Module) -> dict[str,
 
 def _optim_kwargs(optim: DictConfig) -> dict[str, Any]:
     return {k: (tuple(v) if k == "betas" else v) for k, v in OmegaConf.to_container(optim, resolve=True).items()}
+
+
+def _mpo_optim_kwargs(decomposition: DictConfig) -> dict[str, Any]:
+    """The MPO group's rate scale and decay (``decomposition.lr_scale``, ``decomposition.weight_decay``); a dense
+    student has no MPO group, so its variant trains as the others whatever the job-level setting."""
+    if decomposition.kind == "none":
+        return {}
+    scale = decomposition.get("lr_scale", 1)
+    return {"mpo_lr_scale": "auto" if str(scale) == "auto" else float(scale),
+            "mpo_weight_decay": float(decomposition.get("weight_decay", 0.0))}
 
 
 # ----------------------------------------------------------------------------------------------- teacher
@@ -352,7 +362,7 @@ def _tensor_alignment(cfg: DictConfig, student: torch.nn.Module, teacher: torch.
     elif layer_map == "uniform":
         layer_map = None
     return TensorAlignmentLoss(student, teacher_mpo, layer_map=layer_map, indices=align.indices,
-                               on_mismatch=on_mismatch or align.on_mismatch)
+                               on_mismatch=on_mismatch or align.on_mismatch, reduction=align.get("reduction", "mean"))
 
 
 DATA_KEYS_WITHOUT_EFFECT = ("batch_size", "eval_batch_size", "num_workers")  # do not change the teacher's outputs
@@ -475,7 +485,8 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     module = module_class(student, loss, teacher if loss.needs_teacher or method.trains_teacher else None,
                           problem_type=splits.problem_type, num_labels=splits.num_labels,
                           metrics=list(cfg.data.metrics), log_prefix=prefix, train_model=train_model,
-                          teacher_cache=cache, **method.module_options(), **_optim_kwargs(cfg.optim))
+                          teacher_cache=cache, **method.module_options(), **_optim_kwargs(cfg.optim),
+                          **_mpo_optim_kwargs(decomposition))
     # A manual-optimization step (LGTM) clips its own gradients; Lightning refuses gradient_clip_val for it.
     stage_overrides = None
     if not module.automatic_optimization:
@@ -522,6 +533,7 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
         except ConfigError as error:
             raise ConfigError(f"variant '{name}': {error}" if len(plan) > 1 else str(error)) from None
     check_model_shapes(cfg, [(name if len(plan) > 1 else "", variant_cfg) for name, _, variant_cfg in plan])
+    check_lr_scale_has_effect([variant_cfg for _, _, variant_cfg in plan])
     datamodule = hydra.utils.instantiate(cfg.data.module)
     splits = datamodule.load_splits()
     if splits.num_labels != int(cfg.data.num_labels):

@@ -173,9 +173,14 @@ class Stage3Decomposition:
                             "params_trainable": int(counts["train"]), "params_inference": int(counts["inference"])})
         log.info("stage 3: decomposition %s over %d matrices; params %d dense -> %d during training", self.kind,
                  len(layers), dense_params, self.report["params_train_time"])
+        scale = self.cfg.decomposition.get("lr_scale", 1)
+        if str(scale) == "auto":
+            raise ConfigError("decomposition.lr_scale=auto is measured by the distillation task only; give the "
+                              "subquadratic task a number (e.g. the amplification a distill job logged)")
+        options = {"mpo_lr_scale": float(scale), "mpo_weight_decay": float(self.cfg.decomposition.get("weight_decay", 0))}
         align = self.cfg.decomposition.get("align")
         if not align or float(align.weight) <= 0:
-            return {}
+            return options
         # the token mixers have no teacher counterpart: only same-named, same-shaped matrices (MLPs, kept
         # attention layers) are aligned, against the teacher's weights decomposed with the student layer's factors
         # and gauge; the others are skipped and counted here
@@ -185,7 +190,7 @@ class Stage3Decomposition:
         self.report["align"] = {"weight": float(align.weight), "pairs": len(alignment.pairs),
                                 "layers": len({p.student for p in alignment.pairs}),
                                 "skipped": len(alignment.skipped)}
-        return {"align": alignment, "align_weight": float(align.weight)}
+        return {**options, "align": alignment, "align_weight": float(align.weight)}
 
     @torch.no_grad()
     def _probe_logits(self, student) -> torch.Tensor:

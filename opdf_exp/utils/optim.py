@@ -24,9 +24,48 @@ def fused_for(module: nn.Module) -> bool | None:
     return False if "mixed" in str(getattr(trainer, "precision", "")) else None
 
 
+GROUPS = ("mpo", "matrices", "no_decay")
+
+
+def parameter_groups(modules: Iterable[nn.Module],
+                     only: Iterable[nn.Parameter] | None = None) -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of ``modules`` by role: ``mpo`` (the local tensors of MPO layers, central and
+    auxiliary), ``matrices`` (every other parameter of 2 or more dims) and ``no_decay`` (biases, norm weights and
+    embedding tables). Each parameter once, in module order; ``only`` keeps just those parameters (a stage that
+    trains part of a model).
+
+    Why roles: an MPO layer's local tensors move its dense W further per Adam step than a dense W moves (the
+    chain multiplies the updates), so OPDF's comparisons need their own rate and decay; biases, norms and
+    embeddings are not decayed (BERT's recipe)."""
+    from opdf_exp.mpo.layers import MPO_LAYER_TYPES
+
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
+    seen: set[int] = set()
+    kept = None if only is None else {id(p) for p in only}
+
+    def add(group: str, param: nn.Parameter) -> None:
+        if param.requires_grad and id(param) not in seen and (kept is None or id(param) in kept):
+            seen.add(id(param))
+            groups[group].append(param)
+
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, MPO_LAYER_TYPES):
+                for tensor in sub.tensors:
+                    add("mpo", tensor)
+            elif isinstance(sub, nn.Embedding):
+                add("no_decay", sub.weight)
+        for param in module.parameters():
+            add("no_decay" if param.dim() < 2 else "matrices", param)
+    return groups
+
+
 def adamw(modules: Iterable[nn.Module], lr: float, weight_decay: float = 0.0,
-          betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``modules``; biases and norm weights (< 2 dims) get no decay.
+          betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None, mpo_lr_scale: float = 1.0,
+          mpo_weight_decay: float = 0.0, only: Iterable[nn.Parameter] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``modules`` in the groups of :func:`parameter_groups` (each
+    param group carries its ``name``): ``matrices`` at ``lr`` with ``weight_decay``, ``no_decay`` at ``lr``
+    without decay, ``mpo`` at ``lr * mpo_lr_scale`` with ``mpo_weight_decay``. Empty groups are left out.
 
     ``fused=None`` (default) uses torch's fused kernel when every parameter is a floating-point CPU tensor, and
     torch's own default (foreach on CUDA) otherwise. Why: on CPU torch defaults to a per-tensor loop of about ten
@@ -34,17 +73,48 @@ def adamw(modules: Iterable[nn.Module], lr: float, weight_decay: float = 0.0,
     (1 thread): 24 vs 202 ms per step for a 28.8M-parameter BERT, 30 vs 225 ms for its 41.4M-parameter MPO student
     (``experiments/bench_mpo.py``). The result equals the loop's up to rounding (about 1 ulp per step), not bitwise.
     """
-    decay, no_decay = [], []
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 else decay).append(param)
+    if not float(mpo_lr_scale) > 0:
+        raise ConfigError(f"decomposition.lr_scale={mpo_lr_scale} must be > 0 (or auto)")
+    groups = parameter_groups(modules, only)
+    settings = {"matrices": (lr, weight_decay), "no_decay": (lr, 0.0),
+                "mpo": (lr * float(mpo_lr_scale), float(mpo_weight_decay))}
+    param_groups = [{"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
+                    for name, params in groups.items() if params]
     if fused is None:
-        params = decay + no_decay
+        params = [p for group in param_groups for p in group["params"]]
         fused = bool(params) and all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas),
-                             fused=fused or None)
+    if not param_groups:  # torch refuses an empty list; one empty group keeps "nothing to train" a no-op
+        param_groups = [{"name": "matrices", "params": []}]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``{"opt/<group>/lr": ..., "opt/<group>/weight_decay": ..., "opt/<group>/params": ...}`` for logging."""
+    out: dict[str, float] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        name = group.get("name", str(index))
+        out[f"opt/{name}/lr"] = float(group["lr"])
+        out[f"opt/{name}/weight_decay"] = float(group.get("weight_decay", 0.0))
+        out[f"opt/{name}/params"] = float(sum(p.numel() for p in group["params"]))
+    return out
+
+
+def rescale_group_lr(trainer, group: str, factor: float) -> None:
+    """Multiply the rate of every param group named ``group`` by ``factor``, in the optimizer and in its
+    schedulers' base rates (a LambdaLR recomputes each rate from its base every step)."""
+    for optimizer in trainer.optimizers:
+        indices = [i for i, g in enumerate(optimizer.param_groups) if g.get("name") == group]
+        for index in indices:
+            optimizer.param_groups[index]["lr"] *= factor
+            if "initial_lr" in optimizer.param_groups[index]:
+                optimizer.param_groups[index]["initial_lr"] *= factor
+        for config in getattr(trainer, "lr_scheduler_configs", []):
+            scheduler = config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                for index in indices:
+                    scheduler.base_lrs[index] *= factor
+                if hasattr(scheduler, "_last_lr"):
+                    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _tail_decay(step: int, total: int, start: int, min_ratio: float) -> float:
