@@ -309,6 +309,21 @@ def test_ops_chunk_equal_naive_with_state_and_gradients(op, t):
         assert rel(a, b) < 1e-3
 
 
+@pytest.mark.parametrize("op", list(_op_cases(8)))
+def test_ops_chunk_equal_naive_in_float64(op):
+    """In float64 every chunked kernel meets its recurrence to round-off (mLSTM's log forget gate included, which
+    used to pass through float32), final states too."""
+    fn, args, kwargs = _op_cases(77)[op]
+    init = kwargs["initial_state"]
+    double = {**kwargs, "initial_state": tuple(s.double() for s in init) if isinstance(init, tuple) else init.double()}
+    args = [a.double() for a in args]
+    o_c, f_c = fn(*args, mode="chunk", output_final_state=True, **double)
+    o_r, f_r = fn(*args, mode="recurrent", output_final_state=True, **double)
+    assert o_c.dtype == torch.float64 and rel(o_c, o_r) < 1e-12
+    for a, b in zip(f_c if isinstance(f_c, tuple) else (f_c,), f_r if isinstance(f_r, tuple) else (f_r,)):
+        assert a.dtype == torch.float64 and rel(a, b) < 1e-12
+
+
 def test_ops_default_scale_and_zero_state():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 10, 1, 4), torch.randn(1, 10, 1, 4), torch.randn(1, 10, 1, 3)

@@ -20,7 +20,7 @@ def chunk_mlstm(q, k, v, i, f, *, scale: float, initial_state=None, output_final
     bsz, length, h, kd = q.shape
     vd = v.shape[-1]
     c = chunk_size
-    flog = F.logsigmoid(f.float()).to(q.dtype)
+    flog = F.logsigmoid(f.to(torch.promote_types(f.dtype, torch.float32))).to(q.dtype)
     # Padding is neutral: no input (i = -inf), no forgetting (log f = 0).
     i = pad_time(i, c, float("-inf"))
     q, k, v, flog = (pad_time(t, c) for t in (q * scale, k, v, flog))

@@ -1,4 +1,4 @@
-"""The recurrences as plain float32 loops over time: the specification, and the oracles of the chunked kernels.
+"""The recurrences as plain float32 loops over time (float64 for float64 inputs): the specification, and the oracles of the chunked kernels.
 
 Why keep these separate and slow: each function is the published recurrence written one token at a time, as in
 fla's ``ops/*/naive.py`` and mlstm_kernels' ``native`` step, so that reading it is enough to know what the op
@@ -14,20 +14,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _state(initial_state, b, h, k, v, device):
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype of the oracles: float32, or float64 for float64 inputs (so float64 checks of the
+    chunked kernels are limited by the kernels, not by the oracle)."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def _state(initial_state, b, h, k, v, device, like: torch.Tensor | None = None):
     if initial_state is None:
-        return torch.zeros(b, h, k, v, dtype=torch.float32, device=device)
-    return initial_state.float()
+        dtype = torch.float64 if like is not None and like.dtype == torch.float64 else torch.float32
+        return torch.zeros(b, h, k, v, dtype=dtype, device=device)
+    return _acc(initial_state)
 
 
 def recurrent_gated_linear_attention(q, k, v, g=None, *, scale: float, initial_state=None, output_final_state=False):
     """``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``; ``o_t = scale * S_t^T q_t``. g: None, [B,T,H] or [B,T,H,K]."""
     b, t, h, kd = q.shape
-    state = _state(initial_state, b, h, kd, v.shape[-1], q.device)
+    state = _state(initial_state, b, h, kd, v.shape[-1], q.device, like=q)
     # Per-token views made once (unbind): indexing inside the loop would cost a full-size zero gradient per step.
-    qs, ks, vs = (q.float() * scale).unbind(1), k.float().unbind(1), v.float().unbind(1)  # T x (B, H, D)
-    decay = None if g is None else (g.float().exp().unsqueeze(-1) if g.dim() == 4 else
-                                    g.float().exp()[..., None, None]).unbind(1)  # T x (B, H, K|1, 1)
+    qs, ks, vs = (_acc(q) * scale).unbind(1), _acc(k).unbind(1), _acc(v).unbind(1)  # T x (B, H, D)
+    decay = None if g is None else (_acc(g).exp().unsqueeze(-1) if g.dim() == 4 else
+                                    _acc(g).exp()[..., None, None]).unbind(1)  # T x (B, H, K|1, 1)
     outs = []
     for i in range(t):
         if decay is not None:
@@ -41,10 +48,10 @@ def recurrent_gated_linear_attention(q, k, v, g=None, *, scale: float, initial_s
 def recurrent_delta_rule(q, k, v, beta, g=None, *, scale: float, initial_state=None, output_final_state=False):
     """``S = exp(g_t) S``; ``u = beta_t (v_t - S^T k_t)``; ``S = S + k_t u^T``; ``o_t = scale * S^T q_t``."""
     b, t, h, kd = q.shape
-    state = _state(initial_state, b, h, kd, v.shape[-1], q.device)
-    qs, ks, vs = (q.float() * scale).unbind(1), k.float().unbind(1), v.float().unbind(1)
-    betas = beta.float().unsqueeze(-1).unbind(1)  # T x (B, H, 1)
-    decay = None if g is None else g.float().exp()[..., None, None].unbind(1)
+    state = _state(initial_state, b, h, kd, v.shape[-1], q.device, like=q)
+    qs, ks, vs = (_acc(q) * scale).unbind(1), _acc(k).unbind(1), _acc(v).unbind(1)
+    betas = _acc(beta).unsqueeze(-1).unbind(1)  # T x (B, H, 1)
+    decay = None if g is None else _acc(g).exp()[..., None, None].unbind(1)
     outs = []
     for i in range(t):
         if decay is not None:
@@ -66,13 +73,14 @@ def recurrent_mlstm(q, k, v, i, f, *, scale: float, initial_state=None, output_f
     b, t, h, kd = q.shape
     vd = v.shape[-1]
     if initial_state is None:
-        c_state = torch.zeros(b, h, kd, vd, dtype=torch.float32, device=q.device)
-        n_state = torch.zeros(b, h, kd, dtype=torch.float32, device=q.device)
-        m_state = torch.zeros(b, h, dtype=torch.float32, device=q.device)
+        dtype = _acc(q[:0]).dtype
+        c_state = torch.zeros(b, h, kd, vd, dtype=dtype, device=q.device)
+        n_state = torch.zeros(b, h, kd, dtype=dtype, device=q.device)
+        m_state = torch.zeros(b, h, dtype=dtype, device=q.device)
     else:
-        c_state, n_state, m_state = (s.float() for s in initial_state)
-    flog, ig = F.logsigmoid(f.float()).unbind(1), i.float().unbind(1)  # T x (B, H)
-    qs, ks, vs = (q.float() * scale).unbind(1), k.float().unbind(1), v.float().unbind(1)
+        c_state, n_state, m_state = (_acc(s) for s in initial_state)
+    flog, ig = F.logsigmoid(_acc(f)).unbind(1), _acc(i).unbind(1)  # T x (B, H)
+    qs, ks, vs = (_acc(q) * scale).unbind(1), _acc(k).unbind(1), _acc(v).unbind(1)
     outs = []
     for s in range(t):
         m_new = torch.maximum(flog[s] + m_state, ig[s])  # (B, H)
@@ -98,10 +106,10 @@ def recurrent_ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=Fals
     b, t, h, p = x.shape
     rep = h // B.shape[2]
     Bh, Ch = B.repeat_interleave(rep, 2), C.repeat_interleave(rep, 2)  # (B, T, H, N)
-    state = _state(initial_state, b, h, B.shape[-1], p, x.device)
-    decay = (dt.float() * A.float()).exp()[..., None, None].unbind(1)  # T x (B, H, 1, 1)
-    inp = (dt.float().unsqueeze(-1) * Bh.float()).unbind(1)  # T x (B, H, N): dt_t B_t
-    xs, cs = x.float().unbind(1), Ch.float().unbind(1)
+    state = _state(initial_state, b, h, B.shape[-1], p, x.device, like=x)
+    decay = (_acc(dt) * _acc(A)).exp()[..., None, None].unbind(1)  # T x (B, H, 1, 1)
+    inp = (_acc(dt).unsqueeze(-1) * _acc(Bh)).unbind(1)  # T x (B, H, N): dt_t B_t
+    xs, cs = _acc(x).unbind(1), _acc(Ch).unbind(1)
     outs = []
     for s in range(t):
         state = state * decay[s] + inp[s].unsqueeze(-1) * xs[s].unsqueeze(-2)  # (B, H, N, P)
