@@ -532,7 +532,6 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
             check_job_config(variant_cfg)
         except ConfigError as error:
             raise ConfigError(f"variant '{name}': {error}" if len(plan) > 1 else str(error)) from None
-    check_model_shapes(cfg, [(name if len(plan) > 1 else "", variant_cfg) for name, _, variant_cfg in plan])
     check_lr_scale_has_effect([variant_cfg for _, _, variant_cfg in plan])
     datamodule = hydra.utils.instantiate(cfg.data.module)
     splits = datamodule.load_splits()
@@ -544,6 +543,8 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
         resolve_model_path(cfg.teacher.model.name_or_path, override_key="teacher.model.name_or_path")
     if hasattr(datamodule, "tokenizer"):
         datamodule.tokenizer  # noqa: B018  (a text model's tokenizer: offline hub ids fail here)
+    # every variant's student and decomposition against the teacher's architecture, on the meta device
+    check_model_shapes(cfg, [(name if len(plan) > 1 else "", variant_cfg) for name, _, variant_cfg in plan])
     student_builder = cfg.student.model
     if student_builder.get("_target_") == "opdf_exp.models.pretrained_student":  # before the teacher trains
         from opdf_exp.models.hf import check_student_vocabulary
