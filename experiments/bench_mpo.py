@@ -328,6 +328,66 @@ def step_ratios(quick: bool) -> dict:
     return out
 
 
+def optimizer_groups(quick: bool) -> None:
+    """The role-grouped AdamW (MPO tensors / matrices / biases-norms-embeddings, issue 17) against the two-group
+    AdamW it replaced (decay / no decay), on the same MPO student: the optimizer step alone and the whole training
+    step, interleaved. Goal: no measurable change."""
+    batch, seq, repeats = (8, 64, 5) if quick else (16, 64, 9)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 30522, (batch, seq), generator=g)
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    model = make_student(5)
+
+    def two_groups(m):
+        decay = [p for p in m.parameters() if p.requires_grad and p.dim() >= 2]
+        rest = [p for p in m.parameters() if p.requires_grad and p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=1e-5, fused=True)
+
+    optimizers = {"two groups (before)": two_groups(model),
+                  "role groups (after)": adamw([model], lr=1e-5, weight_decay=0.01, mpo_lr_scale=0.5)}
+    F.cross_entropy(model(ids).logits, labels).backward()  # gradients for the optimizer-only timings
+    fns = {}
+    for name, opt in optimizers.items():
+        fns[(name, "optimizer step")] = lambda opt=opt: opt.step()
+
+        def full(opt=opt):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(ids).logits, labels).backward()
+            opt.step()
+        fns[(name, "training step")] = full
+    times = interleaved(fns, repeats)
+    rows = []
+    for what in ("optimizer step", "training step"):
+        base = times[("two groups (before)", what)]
+        for name in optimizers:
+            lo, med = ms(times[(name, what)])
+            b_lo, b_med = ms(base)
+            rows.append([what, name, f"{lo:.1f} / {med:.1f}", f"{lo / b_lo:.2f}x / {med / b_med:.2f}x"])
+    table(f"AdamW parameter groups on the n = 5 MPO student at {batch * seq:,} tokens; min / median ms of {repeats} "
+          "interleaved repeats", ["what", "optimizer", "ms", "ratio vs before"], rows)
+
+
+def overhead_floor(ratios: dict) -> None:
+    """The measured MPO step ratio against the floor docs/mpo.md derives: rebuilding W and back-propagating
+    through the chain costs 3 |W| r multiply-adds per layer against 3 N |W| for the dense matmuls, so the step
+    can never cost less than 1 + sum(|W| r) / (N sum |W|) of the dense one (r the layer's largest bond)."""
+    rows = []
+    for tokens in sorted(k for k in ratios if isinstance(k, int)):
+        info = ratios[tokens]
+        for n in info["ns"]:
+            model = make_student(n)
+            layers = list(mpo_layers(model).values())
+            sizes = [layer.num_dense_params for layer in layers]
+            bonds = [max(layer.ranks) for layer in layers]
+            floor = 1 + sum(w * r for w, r in zip(sizes, bonds)) / (tokens * sum(sizes))
+            lo, med = ms(info["times"][(n, "after")])
+            d_lo, d_med = ms(info["times"][(None, "after")])
+            rows.append([f"{tokens:,}", f"n={n}", f"{med / d_med:.2f}x", f"{floor:.2f}x", f"{(med / d_med) / floor:.2f}"])
+    table("MPO training-step ratio (median, after) against its multiply-add floor 1 + r/N",
+          ["tokens", "student", "measured ratio", "floor", "measured / floor"], rows)
+
+
 def breakdown(quick: bool, ratios: dict) -> None:
     """Where the MPO overhead of one step goes (n = 5, smallest token setting), before and after."""
     tokens = min(k for k in ratios if isinstance(k, int))
@@ -489,11 +549,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: this process's CPU time (default, robust to other jobs on a shared box); wall")
+    parser.add_argument("--only", choices=("groups",), default=None,
+                        help="groups: only the optimizer-groups comparison (about a minute)")
     parser.add_argument("--out", default=None, help="report file (default experiments/results/bench_mpo.md, "
                                                     "bench_mpo_quick.md with --quick)")
     args = parser.parse_args()
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
-                                           ("bench_mpo_quick.md" if args.quick else "bench_mpo.md"))
+    name = "bench_mpo_groups.md" if args.only == "groups" else ("bench_mpo_quick.md" if args.quick else "bench_mpo.md")
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / name
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     global CLOCK
@@ -506,12 +568,18 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; timings: "
         f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'} (see CLOCK in the script)")
     start = time.perf_counter()
-    reconstruction(args.quick)
-    decomposition(args.quick, tensorly=not args.no_tensorly)
-    contraction_order(args.quick)
-    ratios = step_ratios(args.quick)
-    breakdown(args.quick, ratios)
-    export(ratios)
+    if args.only != "groups":
+        reconstruction(args.quick)
+        decomposition(args.quick, tensorly=not args.no_tensorly)
+        contraction_order(args.quick)
+    if args.only == "groups":
+        optimizer_groups(args.quick)
+    else:
+        ratios = step_ratios(args.quick)
+        overhead_floor(ratios)
+        optimizer_groups(args.quick)
+        breakdown(args.quick, ratios)
+        export(ratios)
     say(f"\n(total {time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f} at end)")
     atomic_write_text(out, REPORT.getvalue())
     print(f"written to {out}")

@@ -42,6 +42,16 @@ def slurm_tasks_per_node(strategy, devices, gpus_per_node) -> int:
     return count
 
 
+def glue_path(root, task) -> str | None:
+    """``<root>/<official folder>`` of a GLUE task (``sst2`` -> ``SST-2``); ``None`` when no root is given, so
+    the GLUE reader asks for ``data.path`` (or the hub) in its own one-line error."""
+    if root is None or str(root) in ("", "null", "None"):
+        return None
+    from opdf_exp.data.glue_tasks import glue_task
+
+    return os.path.join(str(root), glue_task(str(task)).folder)
+
+
 def register() -> None:
     # ${uid:} -> a per-process id appended to run folders, so two runs started in the same second never share a
     # folder (Hydra's ${now:} alone collides; lightning-hydra-template #511, Hydra #1817).
@@ -54,5 +64,7 @@ def register() -> None:
     # SLURM job shape from the trainer (conf/hydra/launcher/slurm.yaml).
     if not OmegaConf.has_resolver("slurm_gpus_per_node"):
         OmegaConf.register_new_resolver("slurm_gpus_per_node", slurm_gpus_per_node)
+    if not OmegaConf.has_resolver("glue_path"):  # ${glue_path:${oc.env:GLUE_DIR,null},${data.name}}
+        OmegaConf.register_new_resolver("glue_path", glue_path)
     if not OmegaConf.has_resolver("slurm_tasks_per_node"):
         OmegaConf.register_new_resolver("slurm_tasks_per_node", slurm_tasks_per_node)
