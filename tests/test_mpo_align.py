@@ -192,6 +192,11 @@ def test_relative_reduction_equals_the_hand_computed_value_and_public_map():
     assert public().item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
     mean = TensorAlignmentLoss(student, teacher, layer_map="public")  # the public code's MSE is far smaller
     assert 0 < mean().item() < public().item()
+    uniform_start = student_from(teacher, [1, 3])  # student=from_teacher's blocks; preceding aligns to 0 and 2
+    overparameterize(uniform_start, factors=FACTORS)
+    preceding = TensorAlignmentLoss(uniform_start, teacher, layer_map="preceding")
+    assert {(p.student.split(".")[3], p.teacher.split(".")[3]) for p in preceding.pairs} == {("0", "0"), ("1", "2")}
+    assert preceding.starts_at_target == 0
     with pytest.raises(ConfigError, match="out of range"):  # 2i + 1 past a 2-block teacher
         TensorAlignmentLoss(student, bert(2), layer_map="public")
     with pytest.raises(ConfigError, match="reduction='sum' is unknown"):

@@ -93,7 +93,9 @@ class TensorAlignmentLoss(nn.Module):
         matching teacher ``nn.Linear``/``nn.Embedding`` weights are decomposed here (same factors, bond cap and gauge
         as the student layer) without modifying the teacher.
     layer_map: None or "uniform" (see :func:`uniform_map`), "public" (student block i -> teacher block 2i + 1, the
-        public OPDF code's map, which it pairs with students initialised from teacher blocks 0..S-1), a dict
+        public OPDF code's map, which it pairs with students initialised from teacher blocks 0..S-1), "preceding"
+        (the teacher block just before the uniform one: for a student initialised uniformly, the neighbour of
+        its own starting block, so the targets differ from the start), a dict
         {student block: teacher block} (keys may be strings), or a sequence whose i-th entry is the teacher block
         of student block i. Student blocks missing from an explicit map are not aligned.
     indices: "auxiliary" (every k except the central (n-1)//2; the paper), "all", "central", or a list of ints
@@ -190,8 +192,10 @@ class TensorAlignmentLoss(nn.Module):
                 mapping = uniform_map(s_depth, t_depth)
             elif layer_map == "public":
                 mapping = {i: 2 * i + 1 for i in range(s_depth)}
+            elif layer_map == "preceding":
+                mapping = {i: j - 1 for i, j in uniform_map(s_depth, t_depth).items()}
             elif isinstance(layer_map, str):
-                raise ConfigError(f"layer_map={layer_map!r} is unknown; use 'uniform', 'public', a dict "
+                raise ConfigError(f"layer_map={layer_map!r} is unknown; use 'uniform', 'public', 'preceding', a dict "
                                   f"{{student_block: teacher_block}} or a list of teacher blocks")
             elif isinstance(layer_map, Mapping):
                 try:

@@ -108,7 +108,7 @@ def check_job_config(cfg: DictConfig) -> None:
         create_method(str(cfg.distill.name), **(OmegaConf.to_container(options, resolve=True) if options else {}))
 
 
-ALIGN_MAPS = ("uniform", "public", "from_student")
+ALIGN_MAPS = ("uniform", "public", "preceding", "from_student")
 
 
 def check_mpo_optim_values(options: dict) -> None:
