@@ -245,3 +245,25 @@ def model_logits(model: nn.Module, **inputs: Any) -> torch.Tensor:
     """``model``'s logits for keyword ``inputs`` (``input_ids=...``), through its adapter: the one call the
     language-model stages (subquadratic, geometry) make, whatever the model family."""
     return adapter_for(model).run(model, inputs).logits
+
+
+def check_chunkable(model: nn.Module, role: str = "model") -> None:
+    """A chunked vocabulary loss applies the LM head itself, so the model's logits must be exactly
+    ``head(final hidden state)``: no logit soft-capping or scaling, and a base model holding the final norm."""
+    config = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            raise ConfigError(f"chunk_size needs logits = lm_head(hidden); the {role} ({type(model).__name__}) "
+                              f"transforms them ({key}={getattr(config, key)}); set chunk_size=null")
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, prefix, None) is None or model.get_output_embeddings() is None:
+        raise ConfigError(f"chunk_size needs a causal LM with a base model and an LM head; the {role} "
+                          f"({type(model).__name__}) has none; set chunk_size=null")
+
+
+def hidden_and_head(model: nn.Module, **inputs: Any) -> tuple[torch.Tensor, nn.Module]:
+    """``(final hidden states [B, T, D], LM head)`` of a transformers causal LM, without computing the logits: the
+    base model (``model.<base_model_prefix>``, final norm included) and ``get_output_embeddings()``."""
+    base = getattr(model, model.base_model_prefix)
+    inputs.setdefault("use_cache", False)
+    return base(**inputs).last_hidden_state, model.get_output_embeddings()

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opdf_exp.distill.adapters import model_logits
+from opdf_exp.distill.adapters import check_chunkable, hidden_and_head, model_logits
+from opdf_exp.distill.lm_objectives import DIVERGENCES, LMObjective, chunked_lm_loss, lm_loss
 from opdf_exp.errors import ConfigError
 from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
 from opdf_exp.utils.optim import adamw, fused_for, with_schedule
@@ -229,15 +230,34 @@ class EndToEndKDModule(_StageModule):
     FREEZABLE = ("mlp", "embeddings", "head", "norms")
 
     def __init__(self, student, teacher, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
-                 temperature: float = 1.0, kl_reduction: str = "token_mean", freeze=(),
+                 temperature: float = 1.0, kl_reduction: str = "token_mean", divergence: str = "forward_kl",
+                 beta: float = 0.5, chunk_size: int | None = None, freeze=(),
                  align: nn.Module | None = None, align_weight: float = 0.0, **optim):
         unknown = sorted(set(freeze) - set(self.FREEZABLE))
         if unknown:
             raise ConfigError(f"stage-3 freeze has {unknown}; freezable parts: {list(self.FREEZABLE)}")
         if kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction={kl_reduction!r} is unknown; use one of {list(KL_REDUCTIONS)}")
+        if divergence not in DIVERGENCES:
+            raise ConfigError(f"stage-3 divergence={divergence!r} is unknown; use one of {', '.join(DIVERGENCES)}")
+        if kl_reduction == "batchmean" and (divergence != "forward_kl" or chunk_size is not None):
+            raise ConfigError("kl_reduction=batchmean (the authors' code) is defined for forward_kl on whole logits "
+                              "only; use kl_reduction=token_mean with other divergences or chunk_size")
+        if chunk_size is not None:
+            check_chunkable(student, "student")
+            check_chunkable(teacher, "teacher")
+        s_vocab, t_vocab = student.get_output_embeddings().weight.shape[0], \
+            teacher.get_output_embeddings().weight.shape[0]
+        if s_vocab != t_vocab:
+            raise ConfigError(f"the student's vocabulary ({s_vocab} tokens) differs from the teacher's ({t_vocab}); "
+                              "token-level distillation needs one vocabulary (cross-tokenizer distillation is out "
+                              "of scope here)")
+        # kl_weight weighs the chosen divergence (forward KL by default, as before)
+        self.objective = LMObjective({"ce": ce_weight, divergence: kl_weight}, temperature=temperature, beta=beta,
+                                     chunk_size=chunk_size)
         super().__init__(student, teacher, **optim)
         self.frozen = tuple(freeze)
+        self.divergence = divergence
         self.align = align if align is not None and align_weight > 0 else None
 
     def trainable_parameters(self):
@@ -248,15 +268,43 @@ class EndToEndKDModule(_StageModule):
                     or ("norms" in self.frozen and "norm" in name.rsplit(".", 2)[-2]))
         return [p for n, p in self.student.named_parameters() if p.requires_grad and not frozen(n)]
 
+    def _objective_losses(self, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The LM objective over the predicting positions: whole logits, or chunked through the LM heads (no
+        batch x tokens x vocab tensor) when ``chunk_size`` is set."""
+        labels = ids[:, 1:].reshape(-1)
+        weights = (torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else
+                   (mask[:, 1:] * mask[:, :-1]).float()).reshape(-1)  # both tokens real
+        objective = self.objective
+        if objective.chunk_size is None:
+            teacher = None
+            if objective.needs_teacher:
+                with torch.no_grad():
+                    teacher = model_logits(self.teacher, input_ids=ids, attention_mask=mask, use_cache=False)
+                teacher = teacher[:, :-1].flatten(0, 1)  # (B*(T-1), V)
+            s = model_logits(self.student, input_ids=ids, attention_mask=mask, use_cache=False)
+            return lm_loss(s[:, :-1].flatten(0, 1), teacher, labels, weights, objective)
+        t_hidden, t_head = None, None
+        if objective.needs_teacher:
+            with torch.no_grad():
+                t_hidden, t_head = hidden_and_head(self.teacher, input_ids=ids, attention_mask=mask)
+            t_hidden = t_hidden[:, :-1].flatten(0, 1)  # (B*(T-1), D_teacher)
+        s_hidden, s_head = hidden_and_head(self.student, input_ids=ids, attention_mask=mask)
+        return chunked_lm_loss(s_hidden[:, :-1].flatten(0, 1), s_head.weight, s_head.bias, labels, weights,
+                               objective, (lambda a, b: t_head(t_hidden[a:b])) if t_hidden is not None else None)
+
     def _losses(self, batch):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        with torch.no_grad():
-            t = model_logits(self.teacher, input_ids=ids, attention_mask=mask, use_cache=False)
-        s = model_logits(self.student, input_ids=ids, attention_mask=mask, use_cache=False)
         hp = self.hparams
-        ce, kl, _ = kd_losses(s, t, ids, mask, hp.temperature, hp.kl_reduction)
-        extra = {"ce": ce.detach(), "kl": kl.detach()}
-        total = hp.ce_weight * ce + hp.kl_weight * kl
+        if hp.kl_reduction == "batchmean":  # the authors' reduction, kept for reproduction
+            with torch.no_grad():
+                t = model_logits(self.teacher, input_ids=ids, attention_mask=mask, use_cache=False)
+            s = model_logits(self.student, input_ids=ids, attention_mask=mask, use_cache=False)
+            ce, kl, _ = kd_losses(s, t, ids, mask, hp.temperature, hp.kl_reduction)
+            values = {"ce": ce, "forward_kl": kl}
+            total = hp.ce_weight * ce + hp.kl_weight * kl
+        else:
+            total, values = self._objective_losses(ids, mask)
+        extra = {("kl" if name == "forward_kl" else name): value.detach() for name, value in values.items()}
         if self.align is not None:
             align = self.align()
             total = total + hp.align_weight * align

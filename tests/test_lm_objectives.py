@@ -1,0 +1,132 @@
+"""LM distillation objectives against hand-computed values on a tiny vocabulary, the JSD endpoints against the two
+KLs, and the chunked vocabulary loss against the whole-logits loss (value and every gradient)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opdf_exp.distill.lm_objectives import LMObjective, chunked_lm_loss, lm_loss, token_divergence
+from opdf_exp.errors import ConfigError
+
+P_T = [0.7, 0.2, 0.1]   # teacher distribution on a 3-token vocabulary
+P_S = [0.5, 0.3, 0.2]   # student distribution
+
+
+def logits(p):
+    return torch.log(torch.tensor([p], dtype=torch.float64))
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_divergences_equal_hand_computed_values():
+    s, t = logits(P_S), logits(P_T)
+    assert token_divergence("forward_kl", s, t).item() == pytest.approx(kl(P_T, P_S), rel=1e-12)
+    assert token_divergence("reverse_kl", s, t).item() == pytest.approx(kl(P_S, P_T), rel=1e-12)
+    assert token_divergence("tvd", s, t).item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(P_T, P_S)))
+    beta = 0.3
+    m = [beta * a + (1 - beta) * b for a, b in zip(P_T, P_S)]
+    expected = beta * kl(P_T, m) + (1 - beta) * kl(P_S, m)
+    assert token_divergence("jsd", s, t, beta=beta).item() == pytest.approx(expected, rel=1e-12)
+    # the endpoints are the two KLs, as TRL defines them
+    assert token_divergence("jsd", s, t, beta=0.0).item() == pytest.approx(kl(P_T, P_S), rel=1e-12)
+    assert token_divergence("jsd", s, t, beta=1.0).item() == pytest.approx(kl(P_S, P_T), rel=1e-12)
+    # temperature: divergence of the softened distributions, times T^2 for the KL family
+    soft = lambda p, temp: [x ** (1 / temp) / sum(y ** (1 / temp) for y in p) for x in p]  # noqa: E731
+    assert token_divergence("forward_kl", s, t, temperature=2.0).item() == pytest.approx(
+        4 * kl(soft(P_T, 2.0), soft(P_S, 2.0)), rel=1e-12)
+
+
+def test_objective_means_over_real_tokens_only():
+    objective = LMObjective({"ce": 1.0, "reverse_kl": 0.5})
+    s = torch.cat([logits(P_S), logits(P_T)])
+    t = torch.cat([logits(P_T), logits(P_T)])
+    labels = torch.tensor([0, 2])
+    total, means = lm_loss(s, t, labels, torch.tensor([1.0, 0.0], dtype=torch.float64), objective)
+    assert means["ce"].item() == pytest.approx(-math.log(P_S[0]))  # the padded second token does not count
+    assert means["reverse_kl"].item() == pytest.approx(kl(P_S, P_T))
+    assert total.item() == pytest.approx(-math.log(P_S[0]) + 0.5 * kl(P_S, P_T))
+
+
+@pytest.mark.parametrize("terms", [{"ce": 1.0, "forward_kl": 1.0}, {"reverse_kl": 1.0}, {"jsd": 1.0, "ce": 0.5},
+                                   {"tvd": 1.0}])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_loss_equals_the_whole_logits_loss_with_gradients(terms, chunk):
+    torch.manual_seed(0)
+    n, d, v = 23, 8, 50
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight, bias = torch.randn(v, d, requires_grad=True), torch.randn(v, requires_grad=True)
+    t_hidden, t_weight = torch.randn(n, d), torch.randn(v, d)
+    labels, weights = torch.randint(0, v, (n,)), (torch.rand(n) > 0.2).float()
+    objective = LMObjective(terms, temperature=1.5, beta=0.3)
+    whole, whole_means = lm_loss(hidden @ weight.t() + bias, t_hidden @ t_weight.t(), labels, weights, objective)
+    g_whole = torch.autograd.grad(whole, [hidden, weight, bias])
+    chunked_objective = LMObjective(terms, temperature=1.5, beta=0.3, chunk_size=chunk)
+    total, means = chunked_lm_loss(hidden, weight, bias, labels, weights, chunked_objective,
+                                   lambda a, b: t_hidden[a:b] @ t_weight.t())
+    g_chunked = torch.autograd.grad(2.0 * total, [hidden, weight, bias])  # an upstream scale reaches every grad
+    assert total.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-6)
+    for name in whole_means:
+        assert means[name].item() == pytest.approx(whole_means[name].item(), rel=1e-5, abs=1e-6)
+    for a, b in zip(g_chunked, g_whole):
+        assert torch.allclose(a, 2.0 * b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"beta": 1.5}, "beta=1.5 must be in [0, 1]"),
+    ({"beta": -0.1}, "beta=-0.1 must be in [0, 1]"),
+    ({"chunk_size": 0}, "chunk_size=0 must be a positive number of tokens"),
+    ({"terms": {"kl": 1.0}}, "terms ['kl'] are unknown"),
+    ({"temperature": 0}, "temperature=0 must be > 0"),
+])
+def test_bad_objectives_fail_in_one_line(kwargs, message):
+    with pytest.raises(ConfigError) as error:
+        LMObjective(**kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_stage3_chunked_objective_equals_whole_logits_on_a_converted_tiny_llama(divergence):
+    """The stage-3 module on a tiny random GQA Llama and its converted GLA student: the loss through the LM heads
+    in chunks equals the loss on whole logits, and so do the student's gradients."""
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.models.causal_lm import tiny_llama
+    from opdf_exp.subquadratic.convert import convert
+
+    torch.manual_seed(0)
+    teacher, _ = tiny_llama(num_hidden_layers=2)
+    student = convert(teacher, "gla")
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    results = {}
+    for chunk in (None, 7):
+        module = EndToEndKDModule(student, teacher, divergence=divergence, beta=0.3, chunk_size=chunk)
+        student.zero_grad()
+        total, values = module._objective_losses(ids, mask)
+        total.backward()
+        results[chunk] = (total.detach(), {k: v.detach() for k, v in values.items()},
+                          {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    (whole, w_values, w_grads), (chunked, c_values, c_grads) = results[None], results[7]
+    assert set(w_values) == {"ce", divergence} and torch.allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert w_grads.keys() == c_grads.keys() and w_grads
+    for name in w_grads:
+        assert torch.allclose(c_grads[name], w_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_stage3_objective_bad_input_in_one_line():
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.models.causal_lm import tiny_llama
+    from opdf_exp.subquadratic.convert import convert
+
+    teacher, _ = tiny_llama(num_hidden_layers=1)
+    student = convert(teacher, "gla")
+    with pytest.raises(ConfigError, match="divergence='kl' is unknown"):
+        EndToEndKDModule(student, teacher, divergence="kl")
+    with pytest.raises(ConfigError, match=r"student's vocabulary \(257 tokens\) differs from the teacher's \(300\)"):
+        EndToEndKDModule(student, tiny_llama(vocab_size=300, num_hidden_layers=1)[0])
+    with pytest.raises(ConfigError, match="batchmean"):
+        EndToEndKDModule(student, teacher, kl_reduction="batchmean", chunk_size=8)
