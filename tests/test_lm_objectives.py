@@ -130,3 +130,65 @@ def test_stage3_objective_bad_input_in_one_line():
         EndToEndKDModule(student, tiny_llama(vocab_size=300, num_hidden_layers=1)[0])
     with pytest.raises(ConfigError, match="batchmean"):
         EndToEndKDModule(student, teacher, kl_reduction="batchmean", chunk_size=8)
+
+
+def test_on_policy_batches_are_the_students_continuations_scored_by_the_teacher(tmp_path):
+    """on_policy=1: every step samples continuations of each block's first half from the student (batched, the
+    block's full length), and trains on the divergence over the generated half only; the draws depend on the
+    step alone. A real Lightning fit logs the on-policy share and the generation time."""
+    import pytorch_lightning as pl
+
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.models.causal_lm import tiny_llama
+    from opdf_exp.subquadratic.convert import convert
+
+    torch.manual_seed(0)
+    teacher, _ = tiny_llama(num_hidden_layers=2)
+    student = convert(teacher, "gla")
+    module = EndToEndKDModule(student, teacher, divergence="reverse_kl", on_policy=1.0, on_policy_prompt=0.5,
+                              chunk_size=16)
+    ids = torch.randint(0, 200, (3, 20))
+    sequences, prompt = module.generate_continuations(ids, None)
+    assert prompt == 10 and sequences.shape == ids.shape and torch.equal(sequences[:, :10], ids[:, :10])
+    assert not torch.equal(sequences[:, 10:], ids[:, 10:])  # the second half is the student's own
+    total, extra = module._on_policy_losses({"input_ids": ids})
+    assert set(extra) == {"reverse_kl", "generation_s"} and torch.isfinite(total)  # no CE on its own samples
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    half = EndToEndKDModule(student, teacher, on_policy=0.5)
+    draws = [half.on_policy_step(step) for step in range(200)]
+    assert draws == [half.on_policy_step(step) for step in range(200)] and 70 < sum(draws) < 130
+    assert not any(EndToEndKDModule(student, teacher).on_policy_step(step) for step in range(20))
+
+    loader = torch.utils.data.DataLoader([{"input_ids": row} for row in torch.randint(0, 200, (8, 16))],
+                                         batch_size=4)
+    csv = pl.loggers.CSVLogger(tmp_path)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=csv, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(EndToEndKDModule(student, teacher, on_policy=1.0, log_prefix="end_to_end/"), loader)
+    text = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "end_to_end/train/on_policy" in text and "end_to_end/train/generation_s" in text
+
+
+def test_on_policy_bad_input_in_one_line():
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.models.causal_lm import tiny_llama
+    from opdf_exp.subquadratic.convert import convert
+
+    teacher, _ = tiny_llama(num_hidden_layers=1)
+    student = convert(teacher, "gla")
+    with pytest.raises(ConfigError, match=r"on_policy=1.5 is the share .* in \[0, 1\]"):
+        EndToEndKDModule(student, teacher, on_policy=1.5)
+    with pytest.raises(ConfigError, match="needs kl_weight > 0"):
+        EndToEndKDModule(student, teacher, on_policy=0.5, kl_weight=0.0)
+
+    class NoGenerate(torch.nn.Module):  # e.g. a bare base model: it has an LM head but cannot generate
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    with pytest.raises(ConfigError, match="NoGenerate has no generate"):
+        EndToEndKDModule(NoGenerate(student), teacher, on_policy=0.5)

@@ -231,7 +231,8 @@ class EndToEndKDModule(_StageModule):
 
     def __init__(self, student, teacher, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
                  temperature: float = 1.0, kl_reduction: str = "token_mean", divergence: str = "forward_kl",
-                 beta: float = 0.5, chunk_size: int | None = None, freeze=(),
+                 beta: float = 0.5, chunk_size: int | None = None, on_policy: float = 0.0,
+                 on_policy_prompt: float = 0.5, on_policy_temperature: float = 1.0, freeze=(),
                  align: nn.Module | None = None, align_weight: float = 0.0, **optim):
         unknown = sorted(set(freeze) - set(self.FREEZABLE))
         if unknown:
@@ -252,6 +253,21 @@ class EndToEndKDModule(_StageModule):
             raise ConfigError(f"the student's vocabulary ({s_vocab} tokens) differs from the teacher's ({t_vocab}); "
                               "token-level distillation needs one vocabulary (cross-tokenizer distillation is out "
                               "of scope here)")
+        if not 0.0 <= float(on_policy) <= 1.0:
+            raise ConfigError(f"on_policy={on_policy} is the share of on-policy batches (GKD's lambda); use a value "
+                              "in [0, 1]")
+        if on_policy > 0:
+            if not callable(getattr(student, "generate", None)) or not hasattr(student, "generation_config"):
+                raise ConfigError(f"on_policy={on_policy} needs a student that generates; {type(student).__name__} "
+                                  "has no generate(); set on_policy=0")
+            if not 0.0 < float(on_policy_prompt) < 1.0:
+                raise ConfigError(f"on_policy_prompt={on_policy_prompt} is the share of each block used as the "
+                                  "prompt; use a value in (0, 1)")
+            if not kl_weight > 0:
+                raise ConfigError("on_policy > 0 needs kl_weight > 0: on the student's own samples only the "
+                                  "divergence to the teacher is a target")
+            if not float(on_policy_temperature) > 0:
+                raise ConfigError(f"on_policy_temperature={on_policy_temperature} must be > 0")
         # kl_weight weighs the chosen divergence (forward KL by default, as before)
         self.objective = LMObjective({"ce": ce_weight, divergence: kl_weight}, temperature=temperature, beta=beta,
                                      chunk_size=chunk_size)
@@ -268,13 +284,16 @@ class EndToEndKDModule(_StageModule):
                     or ("norms" in self.frozen and "norm" in name.rsplit(".", 2)[-2]))
         return [p for n, p in self.student.named_parameters() if p.requires_grad and not frozen(n)]
 
-    def _objective_losses(self, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The LM objective over the predicting positions: whole logits, or chunked through the LM heads (no
-        batch x tokens x vocab tensor) when ``chunk_size`` is set."""
+    def _objective_losses(self, ids, mask, predict_from: int = 0,
+                          objective: LMObjective | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The LM objective over the predicting positions from ``predict_from`` on: whole logits, or chunked
+        through the LM heads (no batch x tokens x vocab tensor) when ``chunk_size`` is set."""
         labels = ids[:, 1:].reshape(-1)
         weights = (torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else
-                   (mask[:, 1:] * mask[:, :-1]).float()).reshape(-1)  # both tokens real
-        objective = self.objective
+                   (mask[:, 1:] * mask[:, :-1]).float())  # (B, T-1): both tokens real
+        weights[:, : max(predict_from, 0)] = 0.0
+        weights = weights.reshape(-1)
+        objective = objective or self.objective
         if objective.chunk_size is None:
             teacher = None
             if objective.needs_teacher:
@@ -311,8 +330,67 @@ class EndToEndKDModule(_StageModule):
             extra["align"] = align.detach()
         return total, extra
 
+    # -- on-policy distillation (GKD): the student's own continuations, scored by the teacher
+    def on_policy_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` trains on the student's own samples: a coin of probability
+        ``on_policy`` drawn from the step number alone, so a resumed run makes the same draws."""
+        share = float(self.hparams.get("on_policy", 0.0))
+        if share <= 0:
+            return False
+        coin = torch.Generator().manual_seed(0x5EED + int(step))
+        return bool(torch.rand((), generator=coin).item() < share)
+
+    def generate_continuations(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """``(sequences [B, T], prompt length)``: each block's first ``on_policy_prompt`` share as the prompt, the
+        rest sampled from the student (its own generate with the mixers' fixed-size state; batched; every
+        sequence the block's length: EOS is not allowed to end it early)."""
+        hp = self.hparams
+        length = ids.shape[1]
+        prompt = min(max(int(round(length * hp.on_policy_prompt)), 1), length - 1)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                sequences = self.student.generate(
+                    input_ids=ids[:, :prompt], attention_mask=None if mask is None else mask[:, :prompt],
+                    max_new_tokens=length - prompt, min_new_tokens=length - prompt, do_sample=True,
+                    temperature=float(hp.on_policy_temperature), top_k=0, top_p=1.0,
+                    pad_token_id=self.student.generation_config.eos_token_id or 0)
+        finally:
+            self.student.train(was_training)
+        return sequences[:, :length], prompt
+
+    def _on_policy_losses(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The divergence terms on the student's continuations (the CE on its own samples is no target)."""
+        import dataclasses
+        import time
+
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        started = time.perf_counter()
+        sequences, prompt = self.generate_continuations(ids, mask)
+        seconds = time.perf_counter() - started
+        sequence_mask = None if mask is None else torch.cat(
+            [mask[:, :prompt], torch.ones_like(mask[:, prompt:])], 1)
+        objective = dataclasses.replace(self.objective, terms={k: (0.0 if k == "ce" else w)
+                                                               for k, w in self.objective.terms.items()})
+        total, values = self._objective_losses(sequences, sequence_mask, predict_from=prompt - 1,
+                                               objective=objective)
+        extra = {("kl" if name == "forward_kl" else name): value.detach() for name, value in values.items()}
+        extra["generation_s"] = torch.tensor(seconds)
+        return total, extra
+
     def training_step(self, batch, batch_idx):
-        total, extra = self._losses(batch)
+        on_policy = self.on_policy_step(self.global_step)
+        if on_policy:
+            total, extra = self._on_policy_losses(batch)
+            if self.align is not None:
+                align = self.align()
+                total = total + self.hparams.align_weight * align
+                extra["align"] = align.detach()
+        else:
+            total, extra = self._losses(batch)
+        if float(self.hparams.get("on_policy", 0.0)) > 0:
+            extra["on_policy"] = torch.tensor(float(on_policy))  # its mean over steps is the on-policy share
         self._log("train", total, batch["input_ids"].shape[0], **extra)
         return total
 
