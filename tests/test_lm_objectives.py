@@ -192,3 +192,28 @@ def test_on_policy_bad_input_in_one_line():
 
     with pytest.raises(ConfigError, match="NoGenerate has no generate"):
         EndToEndKDModule(NoGenerate(student), teacher, on_policy=0.5)
+
+
+def test_sequence_level_kd_blocks_are_the_teachers_continuations_and_cached(tmp_path, monkeypatch):
+    from opdf_exp.models.causal_lm import tiny_llama
+    from opdf_exp.subquadratic.sequence_kd import SequenceKDSettings, cache_key, sequence_kd_blocks
+
+    teacher, _ = tiny_llama(num_hidden_layers=1)
+    blocks = torch.randint(0, 200, (5, 12))
+    greedy = SequenceKDSettings(prompt_tokens=4, decoding="greedy", batch_size=2)
+    result = sequence_kd_blocks(teacher, blocks, greedy, tmp_path)
+    assert result.shape == blocks.shape and torch.equal(result[:, :4], blocks[:, :4])
+    expected = teacher.generate(input_ids=blocks[:1, :4], attention_mask=torch.ones_like(blocks[:1, :4]),
+                                max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(result[:1], expected)
+    files = list((tmp_path / "sequence_kd").glob("*.safetensors"))
+    assert len(files) == 1 and not list((tmp_path / "sequence_kd").glob("*.tmp"))
+    monkeypatch.setattr(type(teacher), "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    assert torch.equal(sequence_kd_blocks(teacher, blocks, greedy, tmp_path), result)  # read back, not regenerated
+    sampled = SequenceKDSettings(prompt_tokens=4, decoding="sample", temperature=0.7)
+    keys = {cache_key(teacher, blocks, s) for s in (greedy, sampled, SequenceKDSettings(prompt_tokens=5))}
+    assert len(keys) == 3 and cache_key(teacher, blocks[:4], greedy) not in keys  # settings and data in the key
+    with pytest.raises(ConfigError, match="prompt_tokens=12 must be between 1 and the block size minus one"):
+        sequence_kd_blocks(teacher, blocks, SequenceKDSettings(prompt_tokens=12), tmp_path)
+    with pytest.raises(ConfigError, match="decoding='beam' is unknown"):
+        sequence_kd_blocks(teacher, blocks, SequenceKDSettings(decoding="beam"), tmp_path)

@@ -126,19 +126,37 @@ def test_teacher_stays_in_eval_mode(teacher):
 
 
 def test_transformer_student_runs_the_same_pipeline(tmp_path):
+    """... and the LM-objective options through the shipped config: sequence-level KD data (cached), JSD in
+    chunks through the LM heads, half the stage-3 batches on-policy."""
+    import csv
+    import types
+
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
     from opdf_exp.runner.app import run_task
 
     overrides = ["task=subquadratic", "teacher=tiny_llama", "student=transformer", "data=lm_bbc", "callbacks=none",
-                 "trainer=cpu", "trainer.max_steps=-1", "trainer.enable_progress_bar=false", "logger=none",
+                 "trainer=cpu", "trainer.max_steps=-1", "trainer.enable_progress_bar=false", "logger=csv",
+                 "trainer.log_every_n_steps=1",
                  "data.max_train_tokens=2000", "data.block_size=32", "data.batch_size=4", "optimized_metric=null",
                  "task.stages.splits=0.3|0.3|0.4", "task.evaluation.teacher=false", "task.evaluation.max_blocks=1",
                  "task.evaluation.throughput={}", "task.evaluation.passkey.context_tokens=[]", "task.evaluation.mqar={}",
-                 "task.save_student=false"]
+                 "task.save_student=false", "data.sequence_kd.enabled=true", "data.sequence_kd.prompt_tokens=8",
+                 "task.stages.end_to_end.divergence=jsd", "task.stages.end_to_end.chunk_size=16",
+                 "task.stages.end_to_end.on_policy=0.5"]
     with compose_job(overrides, tmp_path) as cfg:
         run_task(cfg)
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["stages"]["attention_transfer"]["skipped"] == "no token-mixer layers"
     assert result["stages"]["end_to_end"]["steps"] > 0
+    assert list((tmp_path / "cache" / "sequence_kd").glob("*.safetensors"))
+    rows = list(csv.DictReader(next((tmp_path / "csv").rglob("metrics.csv")).open()))
+    shares = {int(r["step"]): float(r["end_to_end/train/on_policy"]) for r in rows
+              if r.get("end_to_end/train/on_policy")}
+    coin = EndToEndKDModule.on_policy_step  # a coin per step, from the step number alone
+    assert shares and all(v == float(coin(types.SimpleNamespace(hparams={"on_policy": 0.5}), step))
+                          for step, v in shares.items())
+    assert 0 < sum(shares.values()) < len(shares)
+    assert any(r.get("end_to_end/train/jsd") for r in rows)
 
 
 @pytest.mark.parametrize("decomposition,attention_layers", [("mpo", []), ("svd", [1])])

@@ -321,6 +321,12 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     started = time.perf_counter()
     teacher, tokenizer = load_teacher(cfg.teacher, cfg.paths.get("cache_dir"))
     data = load_blocks(cfg.data, tokenizer)
+    sequence_kd = _plain(cfg.data.get("sequence_kd")) or {}
+    if sequence_kd.get("enabled"):  # the student trains on the teacher's own continuations (cached on disk)
+        from opdf_exp.subquadratic.sequence_kd import SequenceKDSettings, sequence_kd_blocks
+
+        settings = SequenceKDSettings(**{k: v for k, v in sequence_kd.items() if k != "enabled"})
+        data.train = sequence_kd_blocks(teacher, data.train, settings, cfg.paths.get("cache_dir"))
     log.info("blocks: %d train / %d held-out of %d tokens (%d / %d documents)", data.train.shape[0],
              data.held_out.shape[0], data.train.shape[1], len(data.train_docs), len(data.held_out_docs))
     student_cfg = _plain(cfg.student)
