@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from opdf_exp.errors import ConfigError
+from opdf_exp.models.timm_models import is_timm_model  # noqa: F401  (re-exported: the family test lives in models/)
 
 
 @dataclass
@@ -213,10 +214,6 @@ class TimmAdapter(ModelAdapter):
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B, H*W, C]``; token tensors unchanged."""
     return t.flatten(2).transpose(1, 2) if t.dim() == 4 else t
-
-
-def is_timm_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("timm.") or hasattr(model, "pretrained_cfg") and hasattr(model, "forward_head")
 
 
 _HF = HFAdapter()

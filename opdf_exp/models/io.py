@@ -13,11 +13,9 @@ import torch.nn as nn
 
 def save_model(model: nn.Module, folder: str | os.PathLike, tokenizer=None) -> None:
     """Write ``model`` (and a tokenizer, for text models) into an existing ``folder``."""
-    from opdf_exp.distill.adapters import is_timm_model
+    from opdf_exp.models.timm_models import is_timm_model, save_timm
 
     if is_timm_model(model):
-        from opdf_exp.models.timm_models import save_timm
-
         save_timm(model, folder)
     else:
         model.save_pretrained(folder)

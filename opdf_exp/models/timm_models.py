@@ -26,6 +26,11 @@ WEIGHTS_NAME = "model.safetensors"
 FAMILY_KEY = "opdf_exp_family"
 
 
+def is_timm_model(model: nn.Module) -> bool:
+    """A timm model (by its module, or by timm's ``pretrained_cfg`` + ``forward_head`` interface)."""
+    return type(model).__module__.startswith("timm.") or hasattr(model, "pretrained_cfg") and hasattr(model, "forward_head")
+
+
 def _require_pretrained_weights(name: str, override_key: str) -> None:
     """Offline and uncached, pretrained timm weights fail here in one line, before any data is read."""
     import timm

@@ -47,6 +47,10 @@ def _distributed() -> bool:
 class _MPOBase(nn.Module):
     """Shared state of MPO layers: the local tensors, their factors and bonds, and which of them train."""
 
+    # The optimizer puts a module's ``tensors`` into the param group of this name (utils.optim.parameter_groups),
+    # so the local tensors get their own rate and decay without utils/ knowing this class.
+    optimizer_group = "mpo"
+
     def _init_mpo(self, tensors: Sequence[torch.Tensor], row_factors: Sequence[int], col_factors: Sequence[int],
                   max_bond: int | None, gauge: str | None, train_central: bool, train_aux: bool) -> None:
         rows, cols = [int(f) for f in row_factors], [int(f) for f in col_factors]

@@ -37,8 +37,6 @@ def parameter_groups(modules: Iterable[nn.Module],
     Why roles: an MPO layer's local tensors move its dense W further per Adam step than a dense W moves (the
     chain multiplies the updates), so OPDF's comparisons need their own rate and decay; biases, norms and
     embeddings are not decayed (BERT's recipe)."""
-    from opdf_exp.mpo.layers import MPO_LAYER_TYPES
-
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
     seen: set[int] = set()
     kept = None if only is None else {id(p) for p in only}
@@ -50,9 +48,10 @@ def parameter_groups(modules: Iterable[nn.Module],
 
     for module in modules:
         for sub in module.modules():
-            if isinstance(sub, MPO_LAYER_TYPES):
+            group = getattr(type(sub), "optimizer_group", None)  # MPO layers name theirs (mpo/layers.py)
+            if group in groups:
                 for tensor in sub.tensors:
-                    add("mpo", tensor)
+                    add(group, tensor)
             elif isinstance(sub, nn.Embedding):
                 add("no_decay", sub.weight)
         for param in module.parameters():
