@@ -206,8 +206,8 @@ def check_slurm_shape(cfg: DictConfig) -> None:
     if strategy.startswith(PROCESS_PER_DEVICE) and not strategy.startswith("ddp_spawn") and devices is not None \
             and tasks != devices:
         raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: Lightning under "
-                          "SLURM needs one task per device; leave hydra.launcher.tasks_per_node unset (it follows "
-                          "trainer.devices)")
+                          f"SLURM needs one task per device; set hydra.launcher.tasks_per_node={devices} (with "
+                          "hydra/launcher=slurm leave it unset: it follows trainer.devices)")
 
 
 def check_launch(cfg: DictConfig, *, multirun: bool, printing: bool) -> None:
