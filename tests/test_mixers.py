@@ -22,6 +22,8 @@ CASES = [(name, {}) for name in list_mixers() if name != "linear_attention"] + \
 IDS = [f"{n}-{o['feature_map']}" if o else n for n, o in CASES]
 # Non-default options (short convs on or off, gates off, groups) through the same oracles.
 VARIANTS = [("linear_attention", {"feature_map": "hedgehog", "conv_size": 4}),
+            ("linear_attention", {"feature_map": "elu+1", "normalize": True}),
+            ("linear_attention", {"feature_map": "hedgehog", "normalize": True, "output_norm": False}),
             ("retnet", {"conv_size": 4, "use_output_gate": False}), ("gla", {"conv_size": 4, "expand_v": 2.0}),
             ("deltanet", {"conv_size": 0, "use_output_gate": True}), ("gated_deltanet", {"conv_size": 3}),
             ("mlstm", {"conv_size": 4, "gate_soft_cap": 0.0}), ("metala", {"conv_size": 0, "qk_ratio": 1.0}),
@@ -413,3 +415,20 @@ def test_mpo_decomposition_targets_the_projections(name):
     assert any(isinstance(m, MPOLinear) for m in mixer.modules())
     with torch.no_grad():
         assert rel(mixer(x), y) < 1e-4  # lossless MPO: same function
+
+
+def test_normalised_linear_attention_is_a_weighted_mean_of_values():
+    """normalize=True divides by phi(q_t).sum_j phi(k_j): with a positive feature map every output row is a
+    convex combination of the values seen so far, so constant values come out unchanged and the mixing matrix's
+    rows sum to one."""
+    mixer = build("linear_attention", {"feature_map": "elu+1", "normalize": True})
+    x = inputs(2, 40)
+    with torch.no_grad():
+        inp, _ = mixer._prepare(x, None, {})
+        inp["v"] = torch.full_like(inp["v"], 3.0)
+        inp["v_den"] = torch.cat([inp["v"], torch.ones_like(inp["v"][..., :1])], -1)
+        o, _ = mixer._core(inp, {}, "chunk", False)
+        m = mixer._matrix(inp)
+    assert torch.allclose(o, torch.full_like(o, 3.0), atol=1e-4)
+    assert torch.allclose(m.sum(-1), torch.ones(2, HEADS, 40), atol=1e-5) and (m >= 0).all()
+    assert mixer.state_shape(2)["S"][-1] == mixer.value_dim + 1  # the denominator column travels in the state

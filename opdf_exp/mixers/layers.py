@@ -99,33 +99,52 @@ class _QKVMixer(Mixer):
         return copied
 
 
+def _safe_denominator(den: torch.Tensor, eps: float) -> torch.Tensor:
+    """``den`` moved at least ``eps`` away from 0 on its own side (an identity feature map can give den < 0)."""
+    return den + torch.where(den >= 0, eps, -eps)
+
+
 @register_mixer
 class LinearAttention(_QKVMixer):
-    """Kernel-only linear attention: ``o_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / sqrt(K)`` (no decay, no
-    normaliser), feature map ``identity`` / ``elu+1`` / ``hedgehog``, then a per-head RMSNorm (fla LinearAttention
-    defaults: ``normalize=False``, ``output_norm='rmsnorm'``)."""
+    """Linear attention: ``o_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / sqrt(K)``, feature map ``identity`` /
+    ``elu+1`` / ``hedgehog``, then a per-head RMSNorm (fla LinearAttention defaults: ``normalize=False``,
+    ``output_norm='rmsnorm'``).
+
+    ``normalize=True`` divides by ``phi(q_t) . sum_{j<=t} phi(k_j)`` (the kernel's own softmax denominator, as
+    LoLCATs and Katharopoulos et al. do): then every output is a weighted mean of values, of the teacher's scale,
+    instead of a sum that the RMSNorm has to rescale (by up to 10x after QKV copying). The denominator rides along
+    as one extra value column of ones, so the chunked kernel, the recurrence, the state (``S`` is K x (V + 1)) and
+    the mixing matrix (rows divided by their sums) all carry it. Use a positive feature map (``elu+1``,
+    ``hedgehog``) with it; with ``identity`` the denominator can change sign."""
 
     name = "linear_attention"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, feature_map="elu+1", conv_size=0,
-                 output_norm=True, qkv_bias=False):
+                 output_norm=True, qkv_bias=False, normalize=False, eps=1e-6):
         super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size=conv_size, qkv_bias=qkv_bias)
         self.feature_q = FeatureMap(feature_map, self.head_dim, self.name)
         self.feature_k = FeatureMap(feature_map, self.head_dim, self.name)
         self.feature_dim = self.feature_q.out_dim(self.head_dim)
+        self.normalize, self.eps = bool(normalize), float(eps)
         self.norm = HeadRMSNorm(self.value_dim) if output_norm else None
 
     def _state_dims(self):
-        return self.feature_dim, self.value_dim
+        return self.feature_dim, self.value_dim + (1 if self.normalize else 0)
 
     def _prepare(self, x, mask, state):
         q, k, v, conv = self._qkv(x, mask, state)
         q, k = self.feature_q(q), self.feature_k(k)
-        return {"q": q, "k": _masked(k, mask), "v": _masked(v, mask)}, conv
+        inp = {"q": q, "k": _masked(k, mask), "v": _masked(v, mask)}
+        if self.normalize:  # (B, T, H, V + 1): the last column accumulates sum_j phi(k_j)
+            inp["v_den"] = _masked(torch.cat([v, torch.ones_like(v[..., :1])], -1), mask)
+        return inp, conv
 
     def _core(self, inp, state, mode, want):
-        o, final = ops.linear_attn(inp["q"], inp["k"], inp["v"], mode=mode, initial_state=state.get("S"),
+        v = inp["v_den"] if self.normalize else inp["v"]
+        o, final = ops.linear_attn(inp["q"], inp["k"], v, mode=mode, initial_state=state.get("S"),
                                    output_final_state=want, chunk_size=self.chunk_size)
+        if self.normalize:
+            o = o[..., :-1] / _safe_denominator(o[..., -1:], self.eps)
         return o, self._final(final, want)
 
     def _output(self, o, inp):
@@ -134,7 +153,10 @@ class LinearAttention(_QKVMixer):
         return self.o_proj(o.flatten(2))
 
     def _matrix(self, inp):
-        return ops.gated_matrix(inp["q"], inp["k"], None, scale=inp["q"].shape[-1] ** -0.5)
+        m = ops.gated_matrix(inp["q"], inp["k"], None, scale=inp["q"].shape[-1] ** -0.5)  # (B, H, T, T)
+        if self.normalize:
+            m = m / _safe_denominator(m.sum(-1, keepdim=True), self.eps)
+        return m
 
 
 @register_mixer
