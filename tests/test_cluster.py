@@ -57,6 +57,8 @@ def test_login_node_composes_and_submits_gpu_configs(argv):
     (["decomposition=mpo", "decomposition.align.reduction=sum"], "decomposition.align.reduction='sum' is unknown"),
     (["decomposition=mpo", "decomposition.align.layer_map=diagonal"], "layer_map='diagonal' is unknown"),
     (["task.variants=null", "decomposition.lr_scale=auto"], "lr_scale=auto has no effect: no student of this job"),
+    (["task=subquadratic", "teacher=tiny_llama", "data=lm_bbc", "student=subquadratic/mamba2", "student.rope=true"],
+     "student.rope=true is not defined for mamba2"),
     (["-m", "hydra/launcher=slurm", "trainer=fsdp", "+trainer.strategy._target_=pytorch_lightning.strategies.FSDPStrategy",
       "+trainer.strategy.use_orig_params=false", "decomposition=mpo", "decomposition.train_central=false"],
      "set trainer.strategy.use_orig_params=true"),

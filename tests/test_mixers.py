@@ -432,3 +432,73 @@ def test_normalised_linear_attention_is_a_weighted_mean_of_values():
     assert torch.allclose(o, torch.full_like(o, 3.0), atol=1e-4)
     assert torch.allclose(m.sum(-1), torch.ones(2, HEADS, 40), atol=1e-5) and (m >= 0).all()
     assert mixer.state_shape(2)["S"][-1] == mixer.value_dim + 1  # the denominator column travels in the state
+
+
+# -- the teacher's RoPE on the mixers' queries and keys -----------------------------------------------------------
+def _rotary(batch, t, dim, offset=0):
+    """Llama-convention tables (cos, sin) of shape (B, T, D) for positions offset..offset+T-1."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.arange(offset, offset + t, dtype=torch.float32)[:, None] * inv[None]  # (T, D/2)
+    emb = torch.cat([angles, angles], -1)
+    return emb.cos().expand(batch, t, dim), emb.sin().expand(batch, t, dim)
+
+
+ROPE = [name for name in list_mixers() if name not in ("mamba2", "metala")]
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_mixers_chunk_recurrent_state_steps_and_matrix_agree(name):
+    """With rope=True every path sees the same rotated queries and keys: chunk == recurrence (with gradients),
+    a split with state carry == one pass, token steps (each with its position's tables) == the recurrence, and
+    the mixing matrix times the values == the op."""
+    mixer = build(name, {"rope": True})
+    x = inputs(2, 70)
+    rot = _rotary(2, 70, mixer.head_dim)
+    y_c, gx_c, _ = grads(mixer, x, lambda z: mixer(z, rotary=rot))
+    y_r, gx_r, _ = grads(mixer, x, lambda z: mixer.recurrent_forward(z, rotary=rot))
+    assert rel(y_c, y_r) < 1e-4 and rel(gx_c, gx_r) < 1e-3
+    with torch.no_grad():
+        y, final = mixer(x, rotary=rot, output_final_state=True)
+        _, s1 = mixer(x[:, :40], rotary=_rotary(2, 40, mixer.head_dim), output_final_state=True)
+        y2, s2 = mixer(x[:, 40:], rotary=_rotary(2, 30, mixer.head_dim, offset=40), initial_state=s1,
+                       output_final_state=True)
+        assert rel(y2, y[:, 40:]) < 1e-5 and all(rel(s2[k], final[k]) < 1e-5 for k in final)
+        state, steps = None, []
+        for t in range(6):
+            y_t, state = mixer.step(x[:, t], state, rotary=_rotary(2, 1, mixer.head_dim, offset=t))
+            steps.append(y_t)
+        assert rel(torch.stack(steps, 1), y[:, :6]) < 1e-4
+        if mixer.matrix_form:
+            m = mixer.materialize(x, rotary=rot)
+            mixer._rotary = rot
+            inp, _ = mixer._prepare(x, None, {})
+            mixer._rotary = None
+            o, _ = mixer._core(inp, {}, "chunk", False)
+            assert rel(m @ mixer._values(inp).transpose(1, 2), o.transpose(1, 2)) < 1e-4
+    assert not torch.allclose(y, build(name, {})(x), atol=1e-3)  # the rotation changes the output
+
+
+def test_rope_linear_attention_matrix_is_relative_position_attention():
+    """Identity features, no normaliser: M_ij = scale * q_i . R(j - i) k_j, the rotation of the teacher's RoPE
+    (checked against transformers' own apply_rotary_pos_emb on the same projections)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    mixer = build("linear_attention", {"feature_map": "identity", "rope": True})
+    x = inputs(1, 20)
+    cos, sin = _rotary(1, 20, mixer.head_dim)
+    with torch.no_grad():
+        m = mixer.materialize(x, rotary=(cos, sin))
+        q = mixer.q_proj(x).view(1, 20, HEADS, -1).transpose(1, 2)  # (B, H, T, D)
+        k = mixer.k_proj(x).view(1, 20, HEADS, -1).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        expected = (q @ k.transpose(-1, -2) * mixer.head_dim ** -0.5).tril()
+    assert rel(m, expected) < 1e-5
+
+
+def test_rope_bad_input_in_one_line():
+    with pytest.raises(ConfigError, match=r"rope=true is not defined for mamba2 .* it is for linear_attention, "):
+        create_mixer("mamba2", HIDDEN, HEADS, rope=True)
+    with pytest.raises(ConfigError, match="keep the key size at head_dim"):
+        create_mixer("gla", HIDDEN, HEADS, expand_k=2.0, rope=True)
+    with pytest.raises(ConfigError, match="built with rope=true: pass the teacher's rotary tables"):
+        create_mixer("gla", HIDDEN, HEADS, rope=True)(inputs(1, 5))

@@ -204,3 +204,23 @@ def test_throughput_warms_up_untimed_then_takes_the_best_of_repeats(teacher, mon
     monkeypatch.setattr(ev.time, "perf_counter", iter(range(100)).__next__)
     ev.throughput(student, prompt_len=8, decode_steps=2, repeats=2, warmup=False)
     assert len(prefills) == 2
+
+
+@pytest.mark.parametrize("arch", ["linear_attention", "retnet", "gla", "gated_deltanet"])
+def test_rope_students_generate_with_their_cache_as_one_pass_and_reload(teacher, arch, tmp_path):
+    """student.rope=true: the decoder's rotary tables reach the mixers in one pass, in chunked prefill and in each
+    generation step (positions continue from the cache), and the option survives save/reload."""
+    student = convert(teacher, arch, rope=True).eval()
+    assert all(m.rope for m in student.mixers().values())
+    ids = _prompt()
+    with torch.no_grad():
+        out = student.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                               return_dict_in_generate=True)
+        full = student(out.sequences).logits[:, ids.shape[1] - 1:-1]
+        student.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(ids).logits, student(ids).logits, rtol=0, atol=1e-6)
+        plain = convert(teacher, arch).eval()
+        assert not torch.allclose(plain(ids).logits, student(ids).logits, atol=1e-4)
+    assert torch.equal(full.argmax(-1), out.sequences[:, ids.shape[1]:])
+    torch.testing.assert_close(torch.stack(out.scores, 1), full, rtol=0, atol=1e-4)

@@ -90,7 +90,7 @@ def test_subquadratic_task_end_to_end(tmp_path):
                  "task.evaluation.max_blocks=2", "task.evaluation.throughput.prompt_len=16",
                  "task.evaluation.throughput.decode_steps=2", "task.evaluation.passkey.context_tokens=[64]",
                  "task.evaluation.passkey.trials=1", "task.evaluation.mqar.trials=1", "optimized_metric=null",
-                 "student.attention_layers=auto:1"]
+                 "student.attention_layers=auto:1", "student.rope=true"]  # RoPE through stage 1's matrix target
     with compose_job(overrides, tmp_path) as cfg:
         run_task(cfg)
     result = json.loads((tmp_path / "results.json").read_text())
@@ -104,6 +104,7 @@ def test_subquadratic_task_end_to_end(tmp_path):
     assert m["student/state_bytes_T512"] < m["student/state_bytes_T4096"]  # the hybrid's attention layer grows
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert reloaded.config.attention_layers == result["attention_layers"] and len(result["attention_layers"]) == 1
+    assert reloaded.config.mixer_options.get("rope") is True and all(m.rope for m in reloaded.mixers().values())
     assert set(result["layer_fidelity"]) == {"0", "1"} and (tmp_path / "layer_fidelity.md").exists()
 
 

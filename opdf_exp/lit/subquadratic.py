@@ -158,12 +158,13 @@ class AttentionTransferModule(_StageModule):
                                                       self.target == "matrix")
                 mixer = self.mixer_layers[idx]
                 with torch.set_grad_enabled(backward):
+                    rotary = walk.position_embeddings if mixer.rope else None
                     if self.target == "matrix":
-                        m = mixer.materialize(x, pad)  # (B, H, T, T)
+                        m = mixer.materialize(x, pad, rotary=rotary)  # (B, H, T, T)
                         keep = (w[:, None, :, None] * w[:, None, None, :])  # (B, 1, T, T): real query & key
                         loss = ((m - probs) ** 2 * keep).sum() / (keep.sum() * m.shape[1]).clamp_min(1)
                     else:
-                        y = mixer(x, pad)  # (B, T, D)
+                        y = mixer(x, pad, rotary=rotary)  # (B, T, D)
                         loss = (((y - target) ** 2).mean(-1) * w).sum() / w.sum().clamp_min(1)
                     if backward:
                         self._backward(loss)

@@ -7,8 +7,8 @@ state, expose their mixing matrix, and take the teacher's Q/K/V weights. ``ops``
 See docs/mixers.md for the equations and the benchmark.
 """
 from opdf_exp.mixers import ops
-from opdf_exp.mixers.base import MIXERS, Mixer, create_mixer, expand_kv, list_mixers, register_mixer
+from opdf_exp.mixers.base import MIXERS, Mixer, create_mixer, expand_kv, list_mixers, register_mixer, rope_families
 from opdf_exp.mixers.layers import GLA, MLSTM, DeltaNet, GatedDeltaNet, LinearAttention, Mamba2, MetaLA, RetNet
 
-__all__ = ["MIXERS", "Mixer", "create_mixer", "list_mixers", "register_mixer", "expand_kv", "ops",
+__all__ = ["MIXERS", "Mixer", "create_mixer", "list_mixers", "register_mixer", "expand_kv", "rope_families", "ops",
            "LinearAttention", "RetNet", "GLA", "MetaLA", "Mamba2", "MLSTM", "DeltaNet", "GatedDeltaNet"]

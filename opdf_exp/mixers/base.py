@@ -39,16 +39,42 @@ def list_mixers() -> list[str]:
     return list(MIXERS)
 
 
+def rope_families() -> list[str]:
+    """Mixers on which the teacher's rotary position embedding is defined (they have per-head queries and keys)."""
+    return [name for name, cls in MIXERS.items() if cls.supports_rope]
+
+
 def create_mixer(name: str, hidden_size: int, num_heads: int, **options) -> "Mixer":
-    """Build a registered mixer; unknown names and options raise one-line ConfigErrors."""
+    """Build a registered mixer; unknown names and options raise one-line ConfigErrors. ``rope=True`` (any family
+    in :func:`rope_families`) rotates its queries and keys with the rotary tables passed to each call."""
     if name not in MIXERS:
         raise ConfigError(f"unknown mixer {name!r}; known mixers: {', '.join(MIXERS)}")
     cls = MIXERS[name]
+    rope = bool(options.pop("rope", False))
+    if rope and not cls.supports_rope:
+        raise ConfigError(f"rope=true is not defined for {name} (no per-head queries and keys to rotate); it is for "
+                          f"{', '.join(rope_families())}")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "hidden_size", "num_heads")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ConfigError(f"mixer {name!r} has no option(s) {unknown}; it accepts {accepted}")
-    return cls(hidden_size, num_heads, **options)
+        raise ConfigError(f"mixer {name!r} has no option(s) {unknown}; it accepts {accepted + ['rope']}")
+    mixer = cls(hidden_size, num_heads, **options)
+    if rope:
+        rotated = getattr(mixer, "key_dim", mixer.head_dim)
+        if rotated != mixer.head_dim:
+            raise ConfigError(f"rope=true rotates queries and keys of the teacher's head_dim {mixer.head_dim}, but "
+                              f"{name}'s keys have {rotated} dims here; keep the key size at head_dim (expand_k=1)")
+        mixer.rope = True
+    return mixer
+
+
+def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate ``x`` (B, T, H, D) by the teacher's rotary tables ``(cos, sin)`` (B, T, D), Llama's convention
+    (``x cos + rotate_half(x) sin``)."""
+    cos, sin = (t.unsqueeze(2).to(x.dtype) for t in rotary)  # (B, T, 1, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
 
 
 def expand_kv(weight: torch.Tensor, num_kv_heads: int, head_dim: int, num_heads: int) -> torch.Tensor:
@@ -89,6 +115,9 @@ class Mixer(nn.Module):
 
     name: ClassVar[str] = ""
     matrix_form: ClassVar[bool] = True
+    supports_rope: ClassVar[bool] = False   # per-head queries and keys the teacher's RoPE can rotate
+    rope: bool = False                      # set by create_mixer(..., rope=True)
+    _rotary = None                          # the current call's (cos, sin), see _run
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None, chunk_size: int = 64):
         super().__init__()
@@ -130,7 +159,17 @@ class Mixer(nn.Module):
         """Zeros everywhere (mLSTM's max state m_0 = 0 too, as in xLSTM)."""
         return {k: torch.zeros(s, device=device, dtype=dtype) for k, s in self.state_shape(batch_size).items()}
 
-    def _run(self, x, attention_mask, initial_state, mode, want_state):
+    def _run(self, x, attention_mask, initial_state, mode, want_state, rotary=None):
+        if self.rope and rotary is None:
+            raise ConfigError(f"{self.name} was built with rope=true: pass the teacher's rotary tables (rotary=(cos, "
+                              "sin), the decoder's position_embeddings)")
+        self._rotary = rotary if self.rope else None  # read by _prepare (queries and keys), this call only
+        try:
+            return self._run_prepared(x, attention_mask, initial_state, mode, want_state)
+        finally:
+            self._rotary = None
+
+    def _run_prepared(self, x, attention_mask, initial_state, mode, want_state):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ConfigError(f"{self.name}: expected input (batch, T, {self.hidden_size}); got {tuple(x.shape)}")
         mask = None
@@ -145,30 +184,38 @@ class Mixer(nn.Module):
         y = self._output(o, inp)
         return y, ({**core, **conv} if want_state else None)
 
-    def forward(self, x, attention_mask=None, *, initial_state: State | None = None, output_final_state=False):
-        y, state = self._run(x, attention_mask, initial_state, "chunk", output_final_state)
+    def forward(self, x, attention_mask=None, *, initial_state: State | None = None, output_final_state=False,
+                rotary=None):
+        y, state = self._run(x, attention_mask, initial_state, "chunk", output_final_state, rotary)
         return (y, state) if output_final_state else y
 
     def recurrent_forward(self, x, attention_mask=None, *, initial_state: State | None = None,
-                          output_final_state=False):
-        y, state = self._run(x, attention_mask, initial_state, "recurrent", output_final_state)
+                          output_final_state=False, rotary=None):
+        y, state = self._run(x, attention_mask, initial_state, "recurrent", output_final_state, rotary)
         return (y, state) if output_final_state else y
 
-    def step(self, x_t: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """One generation step: x_t (B, hidden) or (B, 1, hidden); state None means zeros."""
+    def step(self, x_t: torch.Tensor, state: State | None = None, rotary=None) -> tuple[torch.Tensor, State]:
+        """One generation step: x_t (B, hidden) or (B, 1, hidden); state None means zeros; ``rotary`` the tables
+        of this token's position (B, 1, D) when the mixer was built with ``rope=True``."""
         squeeze = x_t.dim() == 2
         x = x_t.unsqueeze(1) if squeeze else x_t
         if state is None:
             state = self.init_state(x.shape[0], x.device)
-        y, new_state = self._run(x, None, state, "recurrent", True)
+        y, new_state = self._run(x, None, state, "recurrent", True, rotary)
         return (y[:, 0] if squeeze else y), new_state
 
-    def materialize(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def materialize(self, x: torch.Tensor, attention_mask=None, rotary=None) -> torch.Tensor:
         """The (B, H, T, T) mixing matrix M with op output = M @ values per head (zero initial state)."""
         if not self.matrix_form:
             self._matrix({})
+        if self.rope and rotary is None:
+            raise ConfigError(f"{self.name} was built with rope=true: pass rotary=(cos, sin) to materialize")
         mask = None if attention_mask is None else attention_mask.to(x.dtype).unsqueeze(-1)
-        inp, _ = self._prepare(x, mask, {})
+        self._rotary = rotary if self.rope else None
+        try:
+            inp, _ = self._prepare(x, mask, {})
+        finally:
+            self._rotary = None
         return self._matrix(inp)
 
     def init_from_attention(self, q_weight, k_weight, v_weight, o_weight, *, num_kv_heads: int, head_dim: int,

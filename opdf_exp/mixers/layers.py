@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.mixers import ops
-from opdf_exp.mixers.base import Mixer, State, check_teacher, copy_into, expand_kv, register_mixer
+from opdf_exp.mixers.base import Mixer, State, apply_rotary, check_teacher, copy_into, expand_kv, register_mixer
 from opdf_exp.mixers.modules import FeatureMap, HeadLayerNorm, HeadRMSNorm, ShortConv
 
 
@@ -32,7 +32,10 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 
 class _QKVMixer(Mixer):
-    """Shared by the mixers with q/k/v/o projections: optional short convs on q, k, v; QKV copy; state S."""
+    """Shared by the mixers with q/k/v/o projections: optional short convs on q, k, v; QKV copy; state S;
+    the teacher's RoPE on q and k (``rope=True``), after the convolutions and before any feature map or norm."""
+
+    supports_rope = True
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, *, key_dim=None, value_dim=None,
                  conv_size=0, qkv_bias=False, q_conv_act="silu", v_conv_act="silu"):
@@ -60,7 +63,10 @@ class _QKVMixer(Mixer):
             k, conv["conv_k"] = self.k_conv(k, state.get("conv_k"))
             v, conv["conv_v"] = self.v_conv(v, state.get("conv_v"))
         h = self.num_heads
-        return _heads(q, h), _heads(k, h), _heads(v, h), conv
+        q, k = _heads(q, h), _heads(k, h)  # (B, T, H, K)
+        if self._rotary is not None:
+            q, k = apply_rotary(q, self._rotary), apply_rotary(k, self._rotary)
+        return q, k, _heads(v, h), conv
 
     def _state_dims(self) -> tuple[int, int]:
         return self.key_dim, self.value_dim

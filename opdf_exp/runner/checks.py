@@ -101,6 +101,13 @@ def check_job_config(cfg: DictConfig) -> None:
             raise ConfigError(f"decomposition.align.layer_map={layer_map!r} is unknown; use one of "
                               f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
     check_fsdp_sharding(cfg)
+    if OmegaConf.select(cfg, "student.rope") and OmegaConf.select(cfg, "student.arch") is not None:
+        from opdf_exp.mixers import rope_families
+
+        arch = str(cfg.student.arch)
+        if arch not in rope_families():
+            raise ConfigError(f"student.rope=true is not defined for {arch} (no per-head queries and keys to "
+                              f"rotate); it is for {', '.join(rope_families())}")
     if OmegaConf.select(cfg, "distill.name") is not None and "terms" in cfg.distill:
         from opdf_exp.distill.methods import create_method
 

@@ -332,6 +332,8 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     student_cfg = _plain(cfg.student)
     arch, init, options = str(student_cfg["arch"]), str(student_cfg.get("init", "qkv_copy")), \
         dict(student_cfg.get("options") or {})
+    if student_cfg.get("rope"):  # the teacher's rotary embedding on the mixers' queries and keys
+        options["rope"] = True
     attention_layers, auto_k = parse_attention_layers(student_cfg.get("attention_layers"))
     student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
     fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]

@@ -140,14 +140,15 @@ class MixerAttention(nn.Module):
             pad = mixer_padding_mask[:, -steps:]  # (B, T): the 2-D mask covers past + current tokens
             if bool(pad.all()):
                 pad = None
+        rotary = position_embeddings if self.mixer.rope else None  # the teacher's RoPE tables for these tokens
         if past_key_values is None:
-            return self.mixer(hidden_states, pad), None
+            return self.mixer(hidden_states, pad, rotary=rotary), None
         if not isinstance(past_key_values, MixerCache):
             raise ConfigError(f"a subquadratic student needs a MixerCache, got {type(past_key_values).__name__}; "
                               f"pass past_key_values=None or MixerCache(model.config)")
         layer = past_key_values.layers[self.layer_idx]
         run = self.mixer.recurrent_forward if steps == 1 else self.mixer.forward  # one token: the generation step
-        y, state = run(hidden_states, pad, initial_state=layer.state, output_final_state=True)
+        y, state = run(hidden_states, pad, initial_state=layer.state, output_final_state=True, rotary=rotary)
         layer.update_state(state, steps)
         return y, None
 

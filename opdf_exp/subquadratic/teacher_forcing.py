@@ -81,11 +81,12 @@ def layer_fidelity(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor,
                 x = layer.input_layernorm(hidden)
                 want = with_matrix and mixers[idx].matrix_form
                 attn, probs = teacher_attention(layer.self_attn, x, walk.position_embeddings, walk.mask4d, want)
-                y = mixers[idx](x)
+                rotary = walk.position_embeddings if mixers[idx].rope else None
+                y = mixers[idx](x, rotary=rotary)
                 sums[idx]["err"] += (y - attn).pow(2).sum().item()
                 sums[idx]["ref"] += attn.pow(2).sum().item()
                 if want:
-                    m = mixers[idx].materialize(x)  # (B, H, T, T)
+                    m = mixers[idx].materialize(x, rotary=rotary)  # (B, H, T, T)
                     sums[idx]["mat"] += ((m - probs).pow(2) * keep).sum().item()
                     sums[idx]["n"] += keep.sum().item() * m.shape[0] * m.shape[1]
             hidden = walk.layer_output(idx, hidden)
