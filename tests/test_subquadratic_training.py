@@ -44,6 +44,15 @@ def test_stage_modules_train_the_right_parameters(teacher):
     # a student converted with the teacher's attention everywhere aligns exactly (hidden alignment of the identity)
     same = convert(teacher, "transformer")
     assert HiddenAlignmentModule(same, teacher).layer_losses(batch, backward=False) < 1e-4
+    lolcats = AttentionTransferModule(convert(teacher, "linear_attention", feature_map="hedgehog"), teacher,
+                                      freeze_copied=True)  # LoLCATs: feature maps (and the norm) only
+    kept = {n for m in lolcats.mixer_layers.values() for n, p in m.named_parameters()
+            if any(p is q for q in lolcats.trainable_parameters())}
+    assert kept and all(not n.startswith(("q_proj", "k_proj", "v_proj", "o_proj")) for n in kept)
+    assert any(n.startswith("feature_q.") for n in kept)
+    with pytest.raises(ConfigError, match="freeze_copied=true has nothing to train: linear_attention"):
+        AttentionTransferModule(convert(teacher, "linear_attention", feature_map="identity", output_norm=False),
+                                teacher, freeze_copied=True).trainable_parameters()
     kd = EndToEndKDModule(student, teacher, freeze=["mlp", "embeddings"])
     names = {id(p) for p in kd.trainable_parameters()}
     assert id(student.model.embed_tokens.weight) not in names

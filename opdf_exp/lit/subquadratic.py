@@ -126,9 +126,14 @@ class AttentionTransferModule(_StageModule):
 
     manual = True
 
-    def __init__(self, student, teacher, *, target: str = "output", **optim):
+    COPIED = ("q_proj.", "k_proj.", "v_proj.", "o_proj.")  # what QKV copying fills from the teacher's attention
+
+    def __init__(self, student, teacher, *, target: str = "output", freeze_copied: bool = False, **optim):
+        """``freeze_copied=True`` keeps the copied q/k/v/o projections fixed and trains only what the mixer adds
+        (feature maps, gates, decays, norms, convolutions), as LoLCATs' attention transfer does."""
         if target not in TARGETS:
             raise ConfigError(f"stage-1 target={target!r} is unknown; use one of {list(TARGETS)}")
+        self.freeze_copied = bool(freeze_copied)
         mixers = student.mixers()
         if not mixers:
             raise ConfigError("stage 1 (attention transfer) needs token-mixer layers; this student has none")
@@ -142,7 +147,13 @@ class AttentionTransferModule(_StageModule):
         self.mixer_layers = mixers
 
     def trainable_parameters(self):
-        return [p for m in self.mixer_layers.values() for p in m.parameters() if p.requires_grad]
+        params = [p for m in self.mixer_layers.values() for name, p in m.named_parameters()
+                  if p.requires_grad and not (self.freeze_copied and name.startswith(self.COPIED))]
+        if not params:
+            families = sorted({type(m).name for m in self.mixer_layers.values()})
+            raise ConfigError(f"stage 1 with freeze_copied=true has nothing to train: {', '.join(families)} adds no "
+                              "parameters of its own here (e.g. use feature_map=hedgehog, or freeze_copied=false)")
+        return params
 
     def layer_losses(self, batch, backward):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
