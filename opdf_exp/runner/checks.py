@@ -101,6 +101,9 @@ def check_job_config(cfg: DictConfig) -> None:
             raise ConfigError(f"decomposition.align.layer_map={layer_map!r} is unknown; use one of "
                               f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
     check_fsdp_sharding(cfg)
+    end_to_end = OmegaConf.select(cfg, "task.stages.end_to_end")
+    if end_to_end is not None:
+        check_lm_objective_values(OmegaConf.to_container(end_to_end, resolve=True))
     if OmegaConf.select(cfg, "student.rope") and OmegaConf.select(cfg, "student.arch") is not None:
         from opdf_exp.mixers import rope_families
 
@@ -157,6 +160,27 @@ def check_fsdp_sharding(cfg: DictConfig) -> None:
     if frozen:
         raise ConfigError(f"FSDP with use_orig_params=false cannot shard a student that freezes part of a module "
                           f"({', '.join(frozen)}); set trainer.strategy.use_orig_params=true (Lightning's default)")
+
+
+def check_lm_objective_values(stage: dict) -> None:
+    """Stage 3's objective options (``distill/lm_objectives.py``), so a bad β, λ or chunk fails before the teacher
+    loads instead of after stages 1 and 2."""
+    from opdf_exp.distill.lm_objectives import DIVERGENCES, LMObjective
+
+    divergence = stage.get("divergence", "forward_kl")
+    if divergence not in DIVERGENCES:
+        raise ConfigError(f"task.stages.end_to_end.divergence={divergence!r} is unknown; use one of "
+                          f"{', '.join(DIVERGENCES)}")
+    try:
+        LMObjective({"ce": float(stage.get("ce_weight", 1.0)), divergence: float(stage.get("kl_weight", 1.0))},
+                    temperature=float(stage.get("temperature", 1.0)), beta=float(stage.get("beta", 0.5)),
+                    chunk_size=stage.get("chunk_size"))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"task.stages.end_to_end: {error}") from None
+    on_policy = stage.get("on_policy", 0.0)
+    if isinstance(on_policy, bool) or not isinstance(on_policy, (int, float)) or not 0.0 <= on_policy <= 1.0:
+        raise ConfigError(f"task.stages.end_to_end.on_policy={on_policy!r} is the share of on-policy batches "
+                          "(GKD's lambda); use a value in [0, 1]")
 
 
 def variant_overrides(cfg: DictConfig) -> Iterable[tuple[str, list[str]]]:
