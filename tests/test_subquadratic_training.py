@@ -114,7 +114,33 @@ def test_subquadratic_task_end_to_end(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert reloaded.config.attention_layers == result["attention_layers"] and len(result["attention_layers"]) == 1
     assert reloaded.config.mixer_options.get("rope") is True and all(m.rope for m in reloaded.mixers().values())
+    # both hybrid criteria are reported: worst stage-1 fidelity (the one used by auto:K) and KL increase
+    assert set(result["hybrid_picks"]) == {"fidelity", "kl"} and len(result["hybrid_picks"]["kl"]) == 1
+    assert result["hybrid_picks"]["fidelity"] == result["attention_layers"]
+    assert set(result["layer_kl_increase"]) == {"0", "1"} and all(v > 0 for v in result["layer_kl_increase"].values())
     assert set(result["layer_fidelity"]) == {"0", "1"} and (tmp_path / "layer_fidelity.md").exists()
+
+
+def test_hybrid_chooser_by_kl_increase_and_its_bad_input(teacher):
+    """auto_kl:K ranks layers by the KL to the teacher when each alone is linearised (its stage-1 mixer, every
+    other layer the teacher's attention); a layer whose mixer is nonsense costs the most."""
+    from opdf_exp.runner.subquadratic_task import layer_kl_increase, parse_attention_layers
+
+    assert parse_attention_layers("auto_kl:2", 2) == ([], 2, "kl")
+    assert parse_attention_layers("auto:1", 2) == ([], 1, "fidelity")
+    for bad, message in (("auto_kl:3", "K must be in 1..2"), ("auto_kl:0", "K must be in 1..2"),
+                         ("best:1", "use a list of layer indices, auto:K")):
+        with pytest.raises(ConfigError, match=message):
+            parse_attention_layers(bad, 2)
+    student = convert(teacher, "gla")
+    with torch.no_grad():  # break layer 1's mixer
+        for p in student.mixers()[1].parameters():
+            p.mul_(25.0)
+    blocks = torch.randint(1, 256, (2, 16))
+    kl = layer_kl_increase(student, teacher, blocks, lambda layers: convert(teacher, "gla", attention_layers=layers))
+    layers = teacher.config.num_hidden_layers
+    assert set(kl) == set(range(layers)) and all(v > 0 for v in kl.values())
+    assert max(kl, key=kl.get) == 1
 
 
 def test_hub_defaults_fail_fast_offline(tmp_path, monkeypatch):

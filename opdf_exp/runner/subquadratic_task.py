@@ -103,13 +103,41 @@ def _stage_module(name: str, student, teacher, stage_cfg: dict, prefix: str, **e
     return getattr(lit, STAGE_MODULES[name])(student, teacher, log_prefix=prefix, **options)
 
 
-def parse_attention_layers(value) -> tuple[list[int], int | None]:
-    """``[0, 15]`` -> (layers, None); ``"auto:K"`` -> ([], K): keep the K least faithful layers as attention."""
+HYBRID_CRITERIA = {"auto": "fidelity", "auto_kl": "kl"}
+
+
+def parse_attention_layers(value, num_layers: int | None = None) -> tuple[list[int], int | None, str | None]:
+    """``[0, 15]`` -> (layers, None, None); ``"auto:K"`` -> ([], K, "fidelity"): keep as attention the K layers
+    whose stage-1 mixer reproduces the attention output worst; ``"auto_kl:K"`` -> ([], K, "kl"): the K layers
+    whose linearisation alone (every other layer attention) raises the KL to the teacher most (fla-org's
+    hybrid-distillation criterion). ``num_layers`` bounds K."""
     if isinstance(value, str):
-        if not value.startswith("auto:") or not value[5:].isdigit():
-            raise ConfigError(f"student.attention_layers={value!r}: use a list of layer indices or auto:K")
-        return [], int(value[5:])
-    return [int(i) for i in (value or [])], None
+        prefix, _, k = value.partition(":")
+        if prefix not in HYBRID_CRITERIA or not k.isdigit():
+            raise ConfigError(f"student.attention_layers={value!r}: use a list of layer indices, auto:K (worst "
+                              "stage-1 fidelity) or auto_kl:K (largest KL increase when linearised alone)")
+        if num_layers is not None and not 1 <= int(k) <= num_layers:
+            raise ConfigError(f"student.attention_layers={value!r}: K must be in 1..{num_layers} (the teacher's "
+                              "layers)")
+        return [], int(k), HYBRID_CRITERIA[prefix]
+    return [int(i) for i in (value or [])], None, None
+
+
+@torch.no_grad()
+def layer_kl_increase(trained, teacher, blocks: torch.Tensor, rebuild) -> dict[int, float]:
+    """Per mixer layer: KL(teacher || model) per token of the teacher with only that layer linearised (its
+    stage-1 mixer; ``rebuild(attention_layers)`` converts the teacher), on ``blocks``. The teacher's own KL is 0,
+    so this is the increase that linearising the layer alone causes."""
+    from opdf_exp.subquadratic.evaluate import perplexity_and_kl
+
+    layers = list(trained.mixers())
+    total = teacher.config.num_hidden_layers
+    out = {}
+    for index in layers:
+        single = rebuild([i for i in range(total) if i != index]).eval()
+        single.load_state_dict(trained.state_dict(), strict=False)  # layer index's stage-1 mixer
+        out[index] = perplexity_and_kl(single, teacher, blocks)["kl_per_token"]
+    return out
 
 
 def fidelity_report(student, teacher, blocks: torch.Tensor, output_dir: Path | None) -> dict[int, dict]:
@@ -334,21 +362,29 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
         dict(student_cfg.get("options") or {})
     if student_cfg.get("rope"):  # the teacher's rotary embedding on the mixers' queries and keys
         options["rope"] = True
-    attention_layers, auto_k = parse_attention_layers(student_cfg.get("attention_layers"))
+    attention_layers, auto_k, criterion = parse_attention_layers(student_cfg.get("attention_layers"),
+                                                                 int(teacher.config.num_hidden_layers))
     student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
     fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]
     chosen: dict[str, Any] = {}
 
     def after_stage1(trained):
-        """Per-layer fidelity after stage 1; with auto:K, rebuild with the K worst layers as attention (the other
-        layers keep their stage-1 mixers)."""
+        """Per-layer fidelity after stage 1; with auto:K / auto_kl:K, rebuild with the K layers the criterion
+        picks as attention (the other layers keep their stage-1 mixers). Both criteria's picks are reported."""
         fidelity = fidelity_report(trained, teacher, fidelity_blocks, output_dir)
         chosen["fidelity"] = {str(i): f for i, f in fidelity.items()}
         if not auto_k:
             return trained
-        worst = sorted(fidelity, key=lambda i: fidelity[i]["output_rel_err"], reverse=True)[:auto_k]
-        chosen["attention_layers"] = sorted(worst)
-        log.info("attention_layers=auto:%d keeps layers %s as attention", auto_k, sorted(worst))
+        by_fidelity = sorted(sorted(fidelity, key=lambda i: fidelity[i]["output_rel_err"], reverse=True)[:auto_k])
+        kl = layer_kl_increase(trained, teacher, fidelity_blocks, lambda layers: convert(
+            teacher, arch, init=init, attention_layers=layers, **options))
+        by_kl = sorted(sorted(kl, key=kl.get, reverse=True)[:auto_k])
+        chosen["layer_kl_increase"] = {str(i): v for i, v in kl.items()}
+        chosen["picks"] = {"fidelity": by_fidelity, "kl": by_kl}
+        worst = by_kl if criterion == "kl" else by_fidelity
+        chosen["attention_layers"] = worst
+        log.info("attention_layers=%s:%d keeps layers %s as attention (fidelity picks %s, KL increase picks %s)",
+                 "auto_kl" if criterion == "kl" else "auto", auto_k, worst, by_fidelity, by_kl)
         rebuilt = convert(teacher, arch, init=init, attention_layers=sorted(worst), **options)
         rebuilt.load_state_dict(trained.state_dict(), strict=False)  # stage-1 mixers of the remaining layers
         return rebuilt
@@ -381,6 +417,8 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
         log_final(loggers, {k: _plain(v) for k, v in cfg.items() if k != "hydra"}, metrics)
     return {"metrics": metrics, "stages": stages, "layer_fidelity": chosen.get("fidelity", {}),
             "attention_layers": list(student.config.attention_layers or []), "tables": {"subquadratic": table},
+            **({"hybrid_picks": chosen["picks"], "layer_kl_increase": chosen["layer_kl_increase"]}
+               if "picks" in chosen else {}),
             "params": {"student": rows[next(iter(rows))]["params"],
                        **({"student_train_time": decomposed["params_train_time"],
                            "student_inference": decomposed["params_dense_export"]}
