@@ -153,3 +153,17 @@ def test_preempted_slurm_job_saves_is_requeued_and_ends_like_the_uninterrupted_o
     a, b = (json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1"))
     assert a["variants"][0]["steps"] == b["variants"][0]["steps"] == 8
     assert a["metrics"] == b["metrics"]
+
+
+def test_gpu_check_dry_run_composes_every_step_here():
+    """scripts/gpu_check.py --dry-run: every GPU job composes and passes the config checks on this CPU machine, and
+    the GPU tests collect (the script itself runs on the first GPU lent)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run"], cwd=REPO,
+                            capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all steps compose" in result.stdout and "FAILED" not in result.stdout
+    assert result.stdout.count("would run: python -m opdf_exp") == 6
