@@ -69,8 +69,6 @@ def check_optim_values(optim: DictConfig | dict) -> None:
 
 def check_job_config(cfg: DictConfig) -> None:
     """Every check of one composed config that needs neither a model nor a GPU (see the module docstring)."""
-    from opdf_exp.mpo import check_decomposition
-
     if "trainer" in cfg:
         check_trainer_values(cfg.trainer)
     finetune_trainer = OmegaConf.select(cfg, "teacher.finetune.trainer")
@@ -80,30 +78,45 @@ def check_job_config(cfg: DictConfig) -> None:
         check_optim_values(cfg.optim)
     decomposition = cfg.get("decomposition")
     if decomposition is not None and "kind" in decomposition:
-        options = OmegaConf.to_container(decomposition, resolve=True)
-        try:
-            check_decomposition(**{k: v for k, v in options.items() if k != "align"})
-        except ConfigError as error:
-            raise ConfigError(f"decomposition: {error}") from None
-        align = options.get("align") or {}
-        weight = align.get("weight", 0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ConfigError(f"decomposition.align.weight={weight!r} must be a number >= 0")
-        check_mpo_optim_values(options)
-        from opdf_exp.mpo.align import REDUCTIONS
-
-        reduction = align.get("reduction", "mean")
-        if reduction not in REDUCTIONS:
-            raise ConfigError(f"decomposition.align.reduction={reduction!r} is unknown; use one of "
-                              f"{', '.join(REDUCTIONS)}")
-        layer_map = align.get("layer_map")
-        if isinstance(layer_map, str) and layer_map not in ALIGN_MAPS:
-            raise ConfigError(f"decomposition.align.layer_map={layer_map!r} is unknown; use one of "
-                              f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
+        check_decomposition_values(OmegaConf.to_container(decomposition, resolve=True))
     check_fsdp_sharding(cfg)
     end_to_end = OmegaConf.select(cfg, "task.stages.end_to_end")
     if end_to_end is not None:
         check_lm_objective_values(OmegaConf.to_container(end_to_end, resolve=True))
+    check_student_values(cfg)
+    if OmegaConf.select(cfg, "distill.name") is not None and "terms" in cfg.distill:
+        from opdf_exp.distill.methods import create_method
+
+        options = cfg.distill.get("method")
+        create_method(str(cfg.distill.name), **(OmegaConf.to_container(options, resolve=True) if options else {}))
+
+
+def check_decomposition_values(options: dict) -> None:
+    """The decomposition group: what ``apply_decomposition`` would refuse, the MPO group's rate and decay, and the
+    alignment's weight, reduction and map name."""
+    from opdf_exp.mpo import check_decomposition
+    from opdf_exp.mpo.align import REDUCTIONS
+
+    try:
+        check_decomposition(**{k: v for k, v in options.items() if k != "align"})
+    except ConfigError as error:
+        raise ConfigError(f"decomposition: {error}") from None
+    check_mpo_optim_values(options)
+    align = options.get("align") or {}
+    weight = align.get("weight", 0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"decomposition.align.weight={weight!r} must be a number >= 0")
+    reduction = align.get("reduction", "mean")
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"decomposition.align.reduction={reduction!r} is unknown; use one of {', '.join(REDUCTIONS)}")
+    layer_map = align.get("layer_map")
+    if isinstance(layer_map, str) and layer_map not in ALIGN_MAPS:
+        raise ConfigError(f"decomposition.align.layer_map={layer_map!r} is unknown; use one of "
+                          f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
+
+
+def check_student_values(cfg: DictConfig) -> None:
+    """A subquadratic student's RoPE only where its family has queries and keys to rotate."""
     if OmegaConf.select(cfg, "student.rope") and OmegaConf.select(cfg, "student.arch") is not None:
         from opdf_exp.mixers import rope_families
 
@@ -111,11 +124,6 @@ def check_job_config(cfg: DictConfig) -> None:
         if arch not in rope_families():
             raise ConfigError(f"student.rope=true is not defined for {arch} (no per-head queries and keys to "
                               f"rotate); it is for {', '.join(rope_families())}")
-    if OmegaConf.select(cfg, "distill.name") is not None and "terms" in cfg.distill:
-        from opdf_exp.distill.methods import create_method
-
-        options = cfg.distill.get("method")
-        create_method(str(cfg.distill.name), **(OmegaConf.to_container(options, resolve=True) if options else {}))
 
 
 ALIGN_MAPS = ("uniform", "public", "preceding", "from_student")
