@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from opdf_exp.distill.adapters import check_chunkable, hidden_and_head, model_logits
 from opdf_exp.distill.lm_objectives import DIVERGENCES, LMObjective, chunked_lm_loss, lm_loss
 from opdf_exp.errors import ConfigError
+from opdf_exp.subquadratic.attention_cache import AttentionIO
 from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
 from opdf_exp.utils.optim import adamw, fused_for, with_schedule
 
@@ -122,13 +123,21 @@ class _StageModule(pl.LightningModule):
 
 class AttentionTransferModule(_StageModule):
     """Stage 1 (see the module docstring); ``target`` is ``matrix`` or ``output``; losses are MSE summed over
-    the mixer layers."""
+    the mixer layers.
+
+    With ``activations`` (an ``AttentionIO`` of the stage's blocks, collected once), batches are ``{"index": (B,)}``
+    rows of that cache and no step walks the teacher: every mixer reads its cached input and regresses on the
+    cached attention output. ``val_activations`` does the same for validation and for the per-layer error
+    curve: every ``curve_every`` steps (and before the first), each layer's relative attention-output error
+    ||y - a||^2 / ||a||^2 on the held-out blocks is appended to ``self.curve``."""
 
     manual = True
 
     COPIED = ("q_proj.", "k_proj.", "v_proj.", "o_proj.")  # what QKV copying fills from the teacher's attention
 
-    def __init__(self, student, teacher, *, target: str = "output", freeze_copied: bool = False, **optim):
+    def __init__(self, student, teacher, *, target: str = "output", freeze_copied: bool = False,
+                 activations: AttentionIO | None = None, val_activations: AttentionIO | None = None,
+                 curve_every: int = 0, **optim):
         """``freeze_copied=True`` keeps the copied q/k/v/o projections fixed and trains only what the mixer adds
         (feature maps, gates, decays, norms, convolutions), as LoLCATs' attention transfer does."""
         if target not in TARGETS:
@@ -142,9 +151,104 @@ class AttentionTransferModule(_StageModule):
             if no_matrix:
                 raise ConfigError(f"target=matrix needs a mixing-matrix form, which {', '.join(no_matrix)} lacks "
                                   f"(e.g. metala with self_augmentation); use target=output")
+        for label, io in (("activations", activations), ("val_activations", val_activations)):
+            if io is not None and set(io.layers) != set(mixers):
+                raise ConfigError(f"stage 1: the cached {label} hold layers {io.layers}, the student's mixers are "
+                                  f"{sorted(mixers)}; collect them for the mixer layers")
         super().__init__(student, teacher, **optim)
         self.target = target
         self.mixer_layers = mixers
+        self.activations, self.val_activations = activations, val_activations
+        self.curve_every = int(curve_every or 0)
+        self.curve: list[dict] = []
+
+    # -- the cached path
+    def _cached_layer_loss(self, idx: int, io: AttentionIO, index: torch.Tensor) -> torch.Tensor:
+        """One layer's loss on cached activations (full blocks: no padding)."""
+        mixer = self.mixer_layers[idx]
+        device, dtype = mixer.output_projection.weight.device, mixer.output_projection.weight.dtype
+        x, target = io.batch(idx, index.cpu(), dtype, device)  # (B, T, D) each
+        rotary = tuple(t.to(device) for t in io.rotary(x.shape[0], dtype))
+        if self.target == "matrix":
+            layer = self.teacher.model.layers[idx]
+            with torch.no_grad():
+                mask4d = causal_mask_4d(None, x.shape[0], x.shape[1], dtype, device)
+                _, probs = teacher_attention(layer.self_attn, x, rotary, mask4d, True)  # (B, H, T, T)
+            m = mixer.materialize(x, rotary=rotary if mixer.rope else None)  # (B, H, T, T), zero above the diagonal
+            return ((m - probs) ** 2).mean()  # as the walked loss: a mean over all B x H x T x T entries
+        y = mixer(x, rotary=rotary if mixer.rope else None)
+        return ((y - target) ** 2).mean()
+
+    def cached_losses(self, index: torch.Tensor, io: AttentionIO, backward: bool) -> torch.Tensor:
+        total = torch.zeros(())
+        for idx in self.mixer_layers:
+            with torch.set_grad_enabled(backward):
+                loss = self._cached_layer_loss(idx, io, index)
+                if backward:
+                    self._backward(loss)
+            total = total + loss.detach().cpu()
+        return total
+
+    @torch.no_grad()
+    def layer_errors(self, io: AttentionIO, batch_size: int = 8) -> dict[int, float]:
+        """Per mixer layer, ||mixer(x) - a||^2 / ||a||^2 over every block of ``io`` (eval mode)."""
+        was_training = self.student.training
+        self.student.eval()
+        out = {}
+        for idx, mixer in self.mixer_layers.items():
+            err = ref = 0.0
+            for start in range(0, io.num_blocks, batch_size):
+                index = torch.arange(start, min(start + batch_size, io.num_blocks))
+                device, dtype = mixer.output_projection.weight.device, mixer.output_projection.weight.dtype
+                x, target = io.batch(idx, index, dtype, device)
+                rotary = tuple(t.to(device) for t in io.rotary(x.shape[0], dtype))
+                y = mixer(x, rotary=rotary if mixer.rope else None)
+                err += (y - target).pow(2).sum().item()
+                ref += target.pow(2).sum().item()
+            out[idx] = err / max(ref, 1e-30)
+        self.student.train(was_training)
+        return out
+
+    def _record_curve(self, log: bool = False) -> None:
+        if not self.curve_every or self.val_activations is None:
+            return
+        step = int(self.trainer.global_step) if self._trainer is not None else len(self.curve)
+        if self.curve and self.curve[-1]["step"] == step:
+            return
+        errors = self.layer_errors(self.val_activations)
+        self.curve.append({"step": step, "errors": errors})
+        mean = sum(errors.values()) / len(errors)
+        if log:  # Lightning allows logging from the batch hooks only
+            self.log(f"{self.hparams.log_prefix}val/layer_err_mean", mean, on_step=True, on_epoch=False)
+
+    def on_train_start(self) -> None:
+        self._record_curve()  # the error right after conversion (and calibration)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.curve_every and self.trainer.global_step % self.curve_every == 0:
+            self._record_curve(log=True)
+
+    def on_train_end(self) -> None:
+        self._record_curve()
+
+    def training_step(self, batch, batch_idx):
+        if "index" not in batch:
+            return super().training_step(batch, batch_idx)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        total = self.cached_losses(batch["index"], self.activations, backward=True)
+        if self.hparams.gradient_clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.hparams.gradient_clip)
+        opt.step()
+        sched.step()
+        self._log("train", total, batch["index"].shape[0])
+        return None
+
+    def validation_step(self, batch, batch_idx):
+        if "index" not in batch:
+            return super().validation_step(batch, batch_idx)
+        total = self.cached_losses(batch["index"], self.val_activations, backward=False)
+        self._log("val", total, batch["index"].shape[0])
 
     def trainable_parameters(self):
         params = [p for m in self.mixer_layers.values() for name, p in m.named_parameters()

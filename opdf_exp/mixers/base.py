@@ -223,5 +223,11 @@ class Mixer(nn.Module):
         """QKV copy from a teacher attention (weights in nn.Linear layout: (out, in)); returns what was copied."""
         raise ConfigError(f"{self.name} does not support QKV copying")
 
+    @property
+    def output_projection(self) -> nn.Linear:
+        """The linear map from the per-head outputs to the hidden size (``o_proj``, Mamba2's ``out_proj``): the
+        teacher's o_proj after QKV copying, and where ``calibrate_output_scales`` folds its per-channel scales."""
+        return self.o_proj if hasattr(self, "o_proj") else self.out_proj
+
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, head_dim={self.head_dim}"

@@ -31,6 +31,22 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
     return t.reshape(*t.shape[:2], h, -1)  # (B, T, H, D)
 
 
+SILU_INVERSE_OF_ONE = 1.2784645  # z with z * sigmoid(z) = 1: a swish gate of this constant passes its input
+
+
+@torch.no_grad()
+def _neutral_gate_(gate: nn.Module | None, bias: float = SILU_INVERSE_OF_ONE) -> None:
+    """After QKV copying, an output gate that reads the input through random weights multiplies each channel by
+    a random-signed factor, which no output scale can undo (measured: the copied GLA, RetNet, Gated DeltaNet,
+    mLSTM and Mamba2 stay at the error of a zero output even with fitted scales). With a bias, the gate starts
+    as the constant ``act(bias)`` (zero weights) and learns to depend on the input from there; without one, it
+    is left as the family initialised it."""
+    if gate is None or gate.bias is None:
+        return
+    gate.weight.zero_()
+    gate.bias.fill_(bias)
+
+
 class _QKVMixer(Mixer):
     """Shared by the mixers with q/k/v/o projections: optional short convs on q, k, v; QKV copy; state S;
     the teacher's RoPE on q and k (``rope=True``), after the convolutions and before any feature map or norm."""
@@ -71,6 +87,10 @@ class _QKVMixer(Mixer):
     def _state_dims(self) -> tuple[int, int]:
         return self.key_dim, self.value_dim
 
+    def _neutral_gates_(self) -> None:
+        """Start the output gate (if any) as a constant that passes the copied path through."""
+        _neutral_gate_(getattr(self, "g_proj", None))
+
     def state_shape(self, batch_size):
         kd, vd = self._state_dims()
         shapes = {"S": (batch_size, self.num_heads, kd, vd)}
@@ -92,6 +112,10 @@ class _QKVMixer(Mixer):
         copy_into(self.name, self.v_proj.weight, vx, "v_proj.weight (GQA-expanded)")
         copy_into(self.name, self.o_proj.weight, o_weight, "o_proj.weight")
         copied = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+        if self.conv_size:  # the copied projections reach the op unmixed across tokens
+            for conv in (self.q_conv, self.k_conv, self.v_conv):
+                conv.identity_()
+        self._neutral_gates_()
         for label, lin, b in (("q_proj", self.q_proj, q_bias), ("k_proj", self.k_proj, k_bias),
                               ("v_proj", self.v_proj, v_bias)):
             if b is None:
@@ -173,13 +197,13 @@ class RetNet(_QKVMixer):
     name = "retnet"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, expand_v=1.0, conv_size=0,
-                 use_output_gate=True, qkv_bias=False):
+                 use_output_gate=True, qkv_bias=False, gate_bias=True):
         hd = head_dim or (hidden_size // num_heads if hidden_size % num_heads == 0 else None)
         super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size=conv_size, qkv_bias=qkv_bias,
                          value_dim=int(hd * expand_v) if hd else None)
         self.register_buffer("log_decay", torch.log(1 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float32))),
                              persistent=False)
-        self.g_proj = nn.Linear(hidden_size, num_heads * self.value_dim, bias=False) if use_output_gate else None
+        self.g_proj = nn.Linear(hidden_size, num_heads * self.value_dim, bias=gate_bias) if use_output_gate else None
         self.norm = HeadRMSNorm(self.value_dim)
 
     def _prepare(self, x, mask, state):
@@ -210,14 +234,14 @@ class GLA(_QKVMixer):
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, expand_k=1.0, expand_v=1.0,
                  gate_low_rank_dim=16, gate_logit_normalizer=16.0, conv_size=0, use_output_gate=True,
-                 qkv_bias=False):
+                 qkv_bias=False, gate_bias=True):
         hd = head_dim or (hidden_size // num_heads if hidden_size % num_heads == 0 else None)
         super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size=conv_size, qkv_bias=qkv_bias,
                          key_dim=int(hd * expand_k) if hd else None, value_dim=int(hd * expand_v) if hd else None)
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, num_heads * self.key_dim, bias=True))
         self.gate_logit_normalizer = gate_logit_normalizer
-        self.g_proj = nn.Linear(hidden_size, num_heads * self.value_dim, bias=False) if use_output_gate else None
+        self.g_proj = nn.Linear(hidden_size, num_heads * self.value_dim, bias=gate_bias) if use_output_gate else None
         self.norm = HeadRMSNorm(self.value_dim)
 
     def _prepare(self, x, mask, state):
@@ -246,10 +270,10 @@ class DeltaNet(_QKVMixer):
     name = "deltanet"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, conv_size=4, use_output_gate=False,
-                 qkv_bias=False):
+                 qkv_bias=False, gate_bias=True):
         super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size=conv_size, qkv_bias=qkv_bias)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.g_proj = nn.Linear(hidden_size, num_heads * self.value_dim, bias=False) if use_output_gate else None
+        self.g_proj = nn.Linear(hidden_size, num_heads * self.value_dim, bias=gate_bias) if use_output_gate else None
         self.norm = HeadRMSNorm(self.value_dim)
 
     def _prepare(self, x, mask, state):
@@ -285,8 +309,8 @@ class GatedDeltaNet(DeltaNet):
     name = "gated_deltanet"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, conv_size=4, use_output_gate=True,
-                 qkv_bias=False):
-        super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size, use_output_gate, qkv_bias)
+                 qkv_bias=False, gate_bias=True):
+        super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size, use_output_gate, qkv_bias, gate_bias)
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
         dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
@@ -313,16 +337,19 @@ class MLSTM(_QKVMixer):
     name = "mlstm"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, gate_soft_cap=15.0, conv_size=0,
-                 qkv_bias=False, eps=1e-6):
+                 qkv_bias=False, eps=1e-6, gate_bias=True):
         super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size=conv_size, qkv_bias=qkv_bias)
         self.igate = nn.Linear(hidden_size, num_heads)
         self.fgate = nn.Linear(hidden_size, num_heads)
-        self.ogate = nn.Linear(hidden_size, num_heads * self.value_dim, bias=False)
+        self.ogate = nn.Linear(hidden_size, num_heads * self.value_dim, bias=gate_bias)
         with torch.no_grad():
             self.igate.bias.fill_(-10.0)
             self.fgate.bias.copy_(torch.linspace(3.0, 6.0, num_heads))
         self.gate_soft_cap, self.eps = gate_soft_cap, eps
         self.norm = HeadLayerNorm(self.value_dim)
+
+    def _neutral_gates_(self) -> None:
+        _neutral_gate_(self.ogate, 2.0)  # sigmoid(2) = 0.88: near open, still with a usable gradient (0.10)
 
     def _cap(self, t):
         return self.gate_soft_cap * torch.tanh(t / self.gate_soft_cap) if self.gate_soft_cap else t
@@ -437,6 +464,9 @@ class MetaLA(Mixer):
                   "v_proj.weight (GQA-expanded)")
         copy_into(self.name, self.o_proj.weight, o_weight, "o_proj.weight")
         copied = ["v_proj.weight", "o_proj.weight"]
+        if self.conv is not None:  # the copied projections read each token's own input, as the teacher's did
+            self.conv.identity_()
+        _neutral_gate_(self.g_proj)
         if tuple(self.q_proj.weight.shape) == tuple(q_weight.shape):
             copy_into(self.name, self.q_proj.weight, q_weight, "q_proj.weight")
             copied.insert(0, "q_proj.weight")
@@ -453,7 +483,7 @@ class Mamba2(Mixer):
     name = "mamba2"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, d_state=None, n_groups=None,
-                 conv_size=4, bias=False):
+                 conv_size=4, bias=False, gate_bias=True):
         super().__init__(hidden_size, num_heads, head_dim, chunk_size)
         h, p = num_heads, self.head_dim
         self.d_state = d_state or p
@@ -470,12 +500,16 @@ class Mamba2(Mixer):
         self.D = nn.Parameter(torch.ones(h))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=bias)
+        # a bias of the z gate alone (in_proj may have none): lets QKV copying start the gate open (_neutral_gate_)
+        self.z_bias = nn.Parameter(torch.zeros(self.d_inner)) if gate_bias else None
 
     def _split(self, zxbcdt):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], -1)
 
     def _prepare(self, x, mask, state):
         z, xbc, dt = self._split(self.in_proj(x))
+        if self.z_bias is not None:
+            z = z + self.z_bias
         xbc, cache = self.conv(_masked(xbc, mask), state.get("conv_xbc"))
         gn = self.n_groups * self.d_state
         xs, bm, cm = torch.split(xbc, [self.d_inner, gn, gn], -1)
@@ -532,4 +566,13 @@ class Mamba2(Mixer):
                     raise ConfigError("mamba2: the teacher has q/k/v biases but in_proj has none; pass bias=True")
                 copy_into(self.name, self.in_proj.bias[a:b], bias[part], f"in_proj.bias[{part}]")
         copy_into(self.name, self.out_proj.weight, o_weight, "out_proj.weight")
+        # start as close to the attention as an SSM allows: no D x skip (attention has none), the conv passes
+        # each token through, and A = -1 so that decays exp(A dt) with dt ~ 0.001..0.1 start near no forgetting
+        with torch.no_grad():
+            self.D.zero_()
+            self.A_log.zero_()
+            if self.z_bias is not None:  # the gate silu(z) starts at 1 (see _neutral_gate_)
+                self.in_proj.weight[: self.d_inner].zero_()
+                self.z_bias.fill_(SILU_INVERSE_OF_ONE)
+        self.conv.identity_()
         return ["in_proj.weight[x]", "in_proj.weight[B]", "in_proj.weight[C]", "out_proj.weight"]

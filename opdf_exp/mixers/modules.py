@@ -28,6 +28,15 @@ class ShortConv(nn.Module):
     def cache_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, self.channels, self.kernel_size - 1)
 
+    @torch.no_grad()
+    def identity_(self) -> None:
+        """Pass each channel through unchanged (a 1 on the current token's tap, zero bias): after QKV copying, a
+        randomly initialised conv would mix a token's copied projection with its neighbours' before training."""
+        self.weight.zero_()
+        self.weight[..., -1] = 1.0
+        if self.bias is not None:
+            self.bias.zero_()
+
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
         xt = x.transpose(1, 2)  # (B, C, T)
         fused = fast_kernel("causal_conv1d", x) if cache is None else None

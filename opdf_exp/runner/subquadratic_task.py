@@ -33,6 +33,80 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+class _IndexDataset(Dataset):
+    """Rows of a cached activation set (stage 1 on ``AttentionIO``)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {"index": i}
+
+
+CACHE_MODES = ("memory", "disk", "off")
+
+
+def stage1_activations(cfg: DictConfig, student, teacher, blocks: torch.Tensor, val_blocks: torch.Tensor,
+                       mode: str, batch_size: int, max_gb: float = 4.0):
+    """The teacher's attention inputs/outputs of the stage-1 blocks and the validation blocks, collected once:
+    in memory, or (``disk``) in ``<paths.cache_dir>/stage1/`` as safetensors keyed on teacher, tokens and layers."""
+    from opdf_exp.subquadratic.attention_cache import cache_key, collect_attention_io, load_or_collect
+
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"task.stages.attention_transfer.cache={mode!r} is unknown; use one of {list(CACHE_MODES)}")
+    layers = list(student.mixers())
+    size_gb = 2 * (blocks.numel() + val_blocks.numel()) * len(layers) * int(teacher.config.hidden_size) * 4 / 2 ** 30
+    if size_gb > max_gb:
+        raise ConfigError(f"the stage-1 activation cache would take {size_gb:.1f} GB ({blocks.shape[0]} blocks x "
+                          f"{len(layers)} layers) > task.stages.attention_transfer.cache_max_gb={max_gb:g}; lower "
+                          "the first share of task.stages.splits, raise cache_max_gb, or set cache=off")
+    out = []
+    for part in (blocks, val_blocks):
+        if mode == "disk":
+            name = cache_key(teacher, part, layers, torch.float32)["blocks"][:16]
+            root = Path(str(cfg.paths.get("cache_dir") or cfg.paths.output_dir)).expanduser()
+            out.append(load_or_collect(teacher, part, layers, root / "stage1" / f"{name}.safetensors", batch_size))
+        else:
+            out.append(collect_attention_io(teacher, part, layers, batch_size))
+    return out
+
+
+def write_stage1_curve(curve: list[dict], output_dir: Path | None) -> None:
+    """The per-layer error curve of stage 1 as a markdown table (mean, worst, per layer) and a plot."""
+    if output_dir is None or not curve:
+        return
+    layers = sorted(curve[0]["errors"])
+    rows = ["| step | mean | max | " + " | ".join(f"L{i}" for i in layers) + " |", "|---" * (len(layers) + 3) + "|"]
+    for point in curve:
+        e = point["errors"]
+        rows.append(f"| {point['step']} | {sum(e.values()) / len(e):.4f} | {max(e.values()):.4f} | "
+                    + " | ".join(f"{e[i]:.3f}" for i in layers) + " |")
+    (output_dir / "stage1_curve.md").write_text("\n".join(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        steps = [p["step"] for p in curve]
+        for i in layers:
+            ax.plot(steps, [p["errors"][i] for p in curve], color="0.8", lw=0.7)
+        ax.plot(steps, [sum(p["errors"].values()) / len(layers) for p in curve], color="C0", lw=2, label="mean")
+        ax.set_yscale("log")
+        ax.set_xlabel("stage-1 step")
+        ax.set_ylabel("held-out attention-output rel. error")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / "stage1_curve.png", dpi=100)
+        plt.close(fig)
+    except Exception as error:  # a plot must never fail a run
+        log.warning("stage-1 curve plot skipped: %s", error)
+
+
 class _BlockDataset(Dataset):
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -250,7 +324,7 @@ class Stage3Decomposition:
 
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
                stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None,
-               decomposition: Stage3Decomposition | None = None) -> dict[str, Any]:
+               decomposition: Stage3Decomposition | None = None, output_dir: Path | None = None) -> dict[str, Any]:
     """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule). After stage 1
     (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``).
     ``decomposition`` over-parameterizes the student for stage 3 and contracts it back right after."""
@@ -277,18 +351,40 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         max_steps = stage_cfg.get("max_steps")
         epochs = int(stage_cfg.get("epochs", 1) or 1)
         extra = decomposition.apply(student) if decomposition is not None and name == "end_to_end" else {}
+        loader = DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
+        stage_val, cached = val, {}
+        started = time.perf_counter()
+        if name == "attention_transfer":
+            mode = str(stage_cfg.pop("cache", "off"))
+            max_gb = float(stage_cfg.pop("cache_max_gb", 4.0))
+            if mode != "off":  # one teacher walk, then steps over the cached rows (shuffled, as many epochs as
+                acts, val_acts = stage1_activations(cfg, student, teacher, blocks, val.dataset.blocks, mode,
+                                                    batch_size, max_gb)  # max_steps asks)
+                extra.update(activations=acts, val_activations=val_acts)
+                cached = {"cache": mode, "cache_mb": round((acts.nbytes() + val_acts.nbytes()) / 2 ** 20, 1),
+                          "cache_seconds": round(time.perf_counter() - started, 2)}
+                loader = DataLoader(_IndexDataset(acts.num_blocks), batch_size=batch_size, shuffle=True,
+                                    generator=torch.Generator().manual_seed(int(cfg.get("seed") or 0)))
+                stage_val = DataLoader(_IndexDataset(val_acts.num_blocks), batch_size=batch_size)
+                if max_steps:
+                    epochs = -1  # the step budget decides how often the cached rows are revisited
         module = _stage_module(name, student, teacher, stage_cfg, f"{name}/", **extra)
         overrides = {"max_steps": int(max_steps) if max_steps else -1, "max_epochs": epochs,
                      "val_check_interval": None, "check_val_every_n_epoch": 1}
         if module.manual:
             overrides["gradient_clip_val"] = None  # the layer-wise stages clip themselves (manual optimisation)
+        if cached and max_steps:  # validate once, at the end, not after every pass over a small cache
+            overrides.update(check_val_every_n_epoch=None, val_check_interval=int(max_steps))
         trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False)
-        loader = DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
-        started = time.perf_counter()
-        trainer.fit(module, loader, val)
+        trainer.fit(module, loader, stage_val)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
         report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
-                        "seconds": round(time.perf_counter() - started, 2), **metrics}
+                        "seconds": round(time.perf_counter() - started, 2), **cached, **metrics}
+        if getattr(module, "curve", None):
+            report[name]["tokens_seen"] = int(trainer.global_step * batch_size * blocks.shape[1])
+            report[name]["curve"] = [{"step": p["step"], "mean": sum(p["errors"].values()) / len(p["errors"]),
+                                      "layers": {str(i): e for i, e in p["errors"].items()}} for p in module.curve]
+            write_stage1_curve(module.curve, output_dir)
         if decomposition is not None and name == "end_to_end":
             report["decomposition"] = decomposition.export(student)
         student.eval()
@@ -322,6 +418,20 @@ def evaluate(model, teacher, tokenizer, held_out: torch.Tensor, eval_cfg: dict, 
         out["mqar_acc"] = ev.mqar_accuracy(model, pool, int(mq.get("num_pairs", 16)), int(mq.get("num_queries", 16)),
                                            int(mq.get("trials", 8)))
     return out
+
+
+def calibrate(student, teacher, train_blocks: torch.Tensor, num_blocks: int, init: str) -> dict[str, Any]:
+    """Fit the mixers' output scales to the teacher on the first ``num_blocks`` training blocks right after
+    QKV copying (``subquadratic/calibrate.py``); 0 blocks, a random init or no mixer: skipped."""
+    from opdf_exp.subquadratic.calibrate import calibrate_output_scales
+
+    if num_blocks <= 0 or init != "qkv_copy" or not student.mixers():
+        return {"skipped": True}
+    started = time.perf_counter()
+    errors = calibrate_output_scales(student, teacher, train_blocks[:num_blocks])
+    mean = sum(errors.values()) / len(errors)
+    log.info("calibrated the mixers' output scales on %d blocks: mean layer error %.3f", num_blocks, mean)
+    return {"blocks": num_blocks, "mean_layer_error": mean, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _table(rows: dict[str, dict]) -> str:
@@ -365,6 +475,7 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     attention_layers, auto_k, criterion = parse_attention_layers(student_cfg.get("attention_layers"),
                                                                  int(teacher.config.num_hidden_layers))
     student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
+    calibration = calibrate(student, teacher, data.train, int(task.get("calibration_blocks") or 0), init)
     fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]
     chosen: dict[str, Any] = {}
 
@@ -394,7 +505,7 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     if cfg.get("decomposition") is not None and str(cfg.decomposition.kind) != "none":
         decomposition = Stage3Decomposition(cfg, teacher, data.held_out[: int(cfg.data.batch_size)])
     stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
-                        int(cfg.data.batch_size), loggers, after_stage1, decomposition) \
+                        int(cfg.data.batch_size), loggers, after_stage1, decomposition, output_dir) \
         if cfg.get("train", True) else {}
     student = stages.pop("student", student)
     decomposed = stages.pop("decomposition", None)
@@ -423,7 +534,7 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
                        **({"student_train_time": decomposed["params_train_time"],
                            "student_inference": decomposed["params_dense_export"]}
                           if decomposed and "params_dense_export" in decomposed else {})},
-            "decomposition": decomposed or {"kind": "none"},
+            "decomposition": decomposed or {"kind": "none"}, "calibration": calibration,
             "data": {"train_blocks": int(data.train.shape[0]), "held_out_blocks": int(data.held_out.shape[0]),
                      "block_size": int(data.train.shape[1]), "train_documents": len(data.train_docs),
                      "held_out_documents": len(data.held_out_docs)},
