@@ -24,6 +24,8 @@ IDS = [f"{n}-{o['feature_map']}" if o else n for n, o in CASES]
 VARIANTS = [("linear_attention", {"feature_map": "hedgehog", "conv_size": 4}),
             ("linear_attention", {"feature_map": "elu+1", "normalize": True}),
             ("linear_attention", {"feature_map": "hedgehog", "normalize": True, "output_norm": False}),
+            ("linear_attention", {"feature_map": "hedgehog", "normalize": True, "output_norm": False, "window": 8}),
+            ("linear_attention", {"feature_map": "elu+1", "normalize": True, "window": 3, "conv_size": 4}),
             ("retnet", {"conv_size": 4, "use_output_gate": False}), ("gla", {"conv_size": 4, "expand_v": 2.0}),
             ("deltanet", {"conv_size": 0, "use_output_gate": True}), ("gated_deltanet", {"conv_size": 3}),
             ("mlstm", {"conv_size": 4, "gate_soft_cap": 0.0}), ("metala", {"conv_size": 0, "qk_ratio": 1.0}),
@@ -432,6 +434,35 @@ def test_normalised_linear_attention_is_a_weighted_mean_of_values():
     assert torch.allclose(o, torch.full_like(o, 3.0), atol=1e-4)
     assert torch.allclose(m.sum(-1), torch.ones(2, HEADS, 40), atol=1e-5) and (m >= 0).all()
     assert mixer.state_shape(2)["S"][-1] == mixer.value_dim + 1  # the denominator column travels in the state
+
+
+def test_sliding_window_covering_the_sequence_is_softmax_attention():
+    """With window >= T no key is old enough for the linear kernel: LoLCATs' hybrid is then exactly causal softmax
+    attention of the (rotated) queries and keys, whatever the window factor; with a short window, the weights of
+    the materialised matrix are positive, sum to one, and keys inside the window carry softmax ratios."""
+    t = 24
+    mixer = build("linear_attention", {"feature_map": "hedgehog", "normalize": True, "output_norm": False,
+                                       "window": t, "rope": True})
+    x, rot = inputs(2, t), _rotary(2, t, HIDDEN // HEADS)
+    with torch.no_grad():
+        y = mixer(x, rotary=rot)
+        mixer._rotary = rot
+        q, k, v, _ = mixer._qkv(x, None, {})
+        mixer._rotary = None
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert rel(y, mixer.o_proj(ref.transpose(1, 2).flatten(2))) < 1e-5
+        short = build("linear_attention", {"feature_map": "hedgehog", "normalize": True, "output_norm": False,
+                                           "window": 4})
+        m = short.materialize(x)  # (B, H, T, T)
+        assert (m >= 0).all() and torch.allclose(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5)
+        inp, _ = short._prepare(x, None, {})
+        s = torch.einsum("bihd,bjhd->bhij", inp["q_raw"], inp["k_raw"]) * short.key_dim ** -0.5
+        i = 10  # keys 7..10 are in query 10's window: their weights are in softmax ratio
+        ratio = m[:, :, i, 8] / m[:, :, i, 9]
+        assert torch.allclose(ratio, (s[:, :, i, 8] - s[:, :, i, 9]).exp(), rtol=1e-4)
+    with pytest.raises(ConfigError, match="pass normalize=True with it"):
+        create_mixer("linear_attention", HIDDEN, HEADS, window=4)
 
 
 # -- the teacher's RoPE on the mixers' queries and keys -----------------------------------------------------------

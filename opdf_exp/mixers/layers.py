@@ -145,31 +145,95 @@ class LinearAttention(_QKVMixer):
     instead of a sum that the RMSNorm has to rescale (by up to 10x after QKV copying). The denominator rides along
     as one extra value column of ones, so the chunked kernel, the recurrence, the state (``S`` is K x (V + 1)) and
     the mixing matrix (rows divided by their sums) all carry it. Use a positive feature map (``elu+1``,
-    ``hedgehog``) with it; with ``identity`` the denominator can change sign."""
+    ``hedgehog``) with it; with ``identity`` the denominator can change sign.
+
+    ``window=W`` (> 0, needs ``normalize=True``) adds LoLCATs' sliding-window softmax branch: query t attends with
+    softmax weights to its last W keys (itself included) and with the linear kernel to every older key, in one
+    normalised sum (LoLCATs ``hybrid_attention_quadratic``):
+
+        y_t = (f_h sum_{t-W<j<=t} exp(s_tj - m_t) v_j + sum_{j<=t-W} phi(q_t).phi(k_j) v_j)
+              / (f_h sum_{t-W<j<=t} exp(s_tj - m_t) + sum_{j<=t-W} phi(q_t).phi(k_j)),
+
+    with s_tj = q_t.k_j / sqrt(d) on the (RoPE-rotated) queries and keys, m_t the window's max and
+    f_h = sigmoid(window_factor_h) a learned weight per head. The linear part is the chunked linear attention on
+    the keys delayed by W; the window part is a banded softmax; the state is the linear state plus the last W keys
+    and values (fixed in T), so generation steps and split sequences reproduce one pass."""
 
     name = "linear_attention"
 
     def __init__(self, hidden_size, num_heads, head_dim=None, chunk_size=64, feature_map="elu+1", conv_size=0,
-                 output_norm=True, qkv_bias=False, normalize=False, eps=1e-6):
+                 output_norm=True, qkv_bias=False, normalize=False, eps=1e-6, window=0, window_factor=0.0):
         super().__init__(hidden_size, num_heads, head_dim, chunk_size, conv_size=conv_size, qkv_bias=qkv_bias)
         self.feature_q = FeatureMap(feature_map, self.head_dim, self.name)
         self.feature_k = FeatureMap(feature_map, self.head_dim, self.name)
         self.feature_dim = self.feature_q.out_dim(self.head_dim)
         self.normalize, self.eps = bool(normalize), float(eps)
         self.norm = HeadRMSNorm(self.value_dim) if output_norm else None
+        self.window = int(window or 0)
+        if self.window < 0:
+            raise ConfigError(f"linear_attention: window={window} must be >= 0 (0: no sliding-window branch)")
+        if self.window and not self.normalize:
+            raise ConfigError("linear_attention: window > 0 combines a softmax with the linear kernel in one "
+                              "normalised sum; pass normalize=True with it")
+        self.window_factor = nn.Parameter(torch.full((num_heads,), float(window_factor))) if self.window else None
 
     def _state_dims(self):
         return self.feature_dim, self.value_dim + (1 if self.normalize else 0)
 
+    def state_shape(self, batch_size):
+        shapes = super().state_shape(batch_size)
+        if self.window:  # the last W (rotated) keys and values, and which of those slots hold a real token
+            w, h = self.window, self.num_heads
+            shapes.update(win_k=(batch_size, w, h, self.key_dim), win_v=(batch_size, w, h, self.value_dim),
+                          win_valid=(batch_size, w))
+        return shapes
+
     def _prepare(self, x, mask, state):
         q, k, v, conv = self._qkv(x, mask, state)
+        inp = {}
+        if self.window:  # the softmax branch reads the rotated q, k before the feature maps
+            inp.update(q_raw=q, k_raw=_masked(k, mask),
+                       valid=torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask[..., 0])
         q, k = self.feature_q(q), self.feature_k(k)
-        inp = {"q": q, "k": _masked(k, mask), "v": _masked(v, mask)}
+        inp.update(q=q, k=_masked(k, mask), v=_masked(v, mask))
         if self.normalize:  # (B, T, H, V + 1): the last column accumulates sum_j phi(k_j)
             inp["v_den"] = _masked(torch.cat([v, torch.ones_like(v[..., :1])], -1), mask)
         return inp, conv
 
+    def _window_core(self, inp, state, mode, want):
+        """The sliding-window hybrid (class docstring): keys = the W carried slots then the T new ones."""
+        q, k, v, valid = inp["q_raw"], inp["k_raw"], inp["v"], inp["valid"]  # (B, T, H, D), (B, T)
+        b, t, h, _ = q.shape
+        w = self.window
+        zeros = {name: q.new_zeros(shape) for name, shape in self.state_shape(b).items() if name.startswith("win_")}
+        keys = torch.cat([state.get("win_k", zeros["win_k"]).to(q.dtype), k], 1)      # (B, W + T, H, K)
+        values = torch.cat([state.get("win_v", zeros["win_v"]).to(q.dtype), v], 1)    # (B, W + T, H, V)
+        real = torch.cat([state.get("win_valid", zeros["win_valid"]).to(q.dtype), valid], 1)  # (B, W + T)
+        # linear part: query i sees keys[0..i], i.e. every key at least W tokens older than itself
+        old = real[:, :t, None, None]
+        phi_k = self.feature_k(keys[:, :t]) * old                                         # (B, T, H, F)
+        v_den = torch.cat([values[:, :t], torch.ones_like(values[:, :t, ..., :1])], -1) * old  # (B, T, H, V + 1)
+        lin, final = ops.linear_attn(inp["q"], phi_k, v_den, mode=mode, scale=1.0, initial_state=state.get("S"),
+                                     output_final_state=want, chunk_size=self.chunk_size)
+        # window part: query i sees keys[i + 1 .. i + W] (itself and the W - 1 before it)
+        win_k = keys.unfold(1, w, 1)[:, 1:t + 1]                                          # (B, T, H, K, W)
+        win_v = values.unfold(1, w, 1)[:, 1:t + 1]                                        # (B, T, H, V, W)
+        win_real = real.unfold(1, w, 1)[:, 1:t + 1]                                       # (B, T, W)
+        scores = torch.einsum("bthd,bthdw->bthw", q, win_k) * self.key_dim ** -0.5
+        scores = scores.masked_fill(win_real[:, :, None, :] == 0, float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a pad query with no real key
+        weights = torch.sigmoid(self.window_factor).view(1, 1, h, 1) * (scores - top).exp()  # (B, T, H, W)
+        num = torch.einsum("bthw,bthvw->bthv", weights, win_v) + lin[..., :-1]
+        den = weights.sum(-1, keepdim=True) + lin[..., -1:]
+        o = num / _safe_denominator(den, self.eps)
+        if not want:
+            return o, {}
+        return o, {"S": final, "win_k": keys[:, t:], "win_v": values[:, t:], "win_valid": real[:, t:]}
+
     def _core(self, inp, state, mode, want):
+        if self.window:
+            return self._window_core(inp, state, mode, want)
         v = inp["v_den"] if self.normalize else inp["v"]
         o, final = ops.linear_attn(inp["q"], inp["k"], v, mode=mode, initial_state=state.get("S"),
                                    output_final_state=want, chunk_size=self.chunk_size)
@@ -182,7 +246,27 @@ class LinearAttention(_QKVMixer):
             o = self.norm(o)
         return self.o_proj(o.flatten(2))
 
+    def _window_matrix(self, inp):
+        """The (B, H, T, T) weights of the sliding-window hybrid, computed quadratically (the oracle)."""
+        q, k, valid = inp["q_raw"].transpose(1, 2), inp["k_raw"].transpose(1, 2), inp["valid"]  # (B, H, T, K)
+        t = q.shape[2]
+        i = torch.arange(t, device=q.device)
+        lag = i[:, None] - i[None, :]                                                   # (T, T): query - key
+        in_window, older = (lag >= 0) & (lag < self.window), lag >= self.window
+        real = valid[:, None, None, :] > 0                                              # (B, 1, 1, T) real keys
+        scores = (q @ k.transpose(-1, -2)) * self.key_dim ** -0.5
+        scores = scores.masked_fill(~(in_window & real), float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        soft = torch.sigmoid(self.window_factor).view(1, -1, 1, 1) * (scores - top).exp()
+        phi_q, phi_k = inp["q"].transpose(1, 2), inp["k"].transpose(1, 2)
+        lin = (phi_q @ phi_k.transpose(-1, -2)) * (older & real)
+        m = soft + lin
+        return m / _safe_denominator(m.sum(-1, keepdim=True), self.eps)
+
     def _matrix(self, inp):
+        if self.window:
+            return self._window_matrix(inp)
         m = ops.gated_matrix(inp["q"], inp["k"], None, scale=inp["q"].shape[-1] ** -0.5)  # (B, H, T, T)
         if self.normalize:
             m = m / _safe_denominator(m.sum(-1, keepdim=True), self.eps)

@@ -115,8 +115,24 @@ def check_decomposition_values(options: dict) -> None:
                           f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
 
 
+WINDOW_FAMILIES = ("linear_attention",)
+
+
 def check_student_values(cfg: DictConfig) -> None:
-    """A subquadratic student's RoPE only where its family has queries and keys to rotate."""
+    """A subquadratic student's RoPE only where its family has queries and keys to rotate; a sliding window only
+    on linear attention (LoLCATs) and no longer than the training blocks."""
+    window = OmegaConf.select(cfg, "student.window") or 0
+    if window:
+        arch = str(OmegaConf.select(cfg, "student.arch"))
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ConfigError(f"student.window={window!r} must be a number of tokens >= 0 (0: no window)")
+        if arch not in WINDOW_FAMILIES:
+            raise ConfigError(f"student.window is defined for {', '.join(WINDOW_FAMILIES)} (LoLCATs' sliding-window "
+                              f"softmax branch), not {arch}")
+        block = OmegaConf.select(cfg, "data.block_size")
+        if block is not None and window > int(block):
+            raise ConfigError(f"student.window={window} is larger than data.block_size={block}: the softmax branch "
+                              "would cover every token and train no linear part; use a window < block_size")
     if OmegaConf.select(cfg, "student.rope") and OmegaConf.select(cfg, "student.arch") is not None:
         from opdf_exp.mixers import rope_families
 

@@ -368,6 +368,13 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
                 stage_val = DataLoader(_IndexDataset(val_acts.num_blocks), batch_size=batch_size)
                 if max_steps:
                     epochs = -1  # the step budget decides how often the cached rows are revisited
+        train_mode, lora = str(stage_cfg.pop("train", "all")), stage_cfg.pop("lora", None)
+        trained = {}
+        if name != "attention_transfer":  # stage 1 trains the mixers by construction
+            from opdf_exp.subquadratic.adapters import set_train_mode
+
+            trained = {"train": train_mode, **{f"params_{k}": v for k, v in
+                                               set_train_mode(student, train_mode, lora).items()}}
         module = _stage_module(name, student, teacher, stage_cfg, f"{name}/", **extra)
         overrides = {"max_steps": int(max_steps) if max_steps else -1, "max_epochs": epochs,
                      "val_check_interval": None, "check_val_every_n_epoch": 1}
@@ -378,8 +385,12 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False)
         trainer.fit(module, loader, stage_val)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
+        if trained:
+            from opdf_exp.subquadratic.adapters import merge_adapters
+
+            merge_adapters(student)  # a plain model again for the next stage, the evaluation and the save
         report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
-                        "seconds": round(time.perf_counter() - started, 2), **cached, **metrics}
+                        "seconds": round(time.perf_counter() - started, 2), **cached, **trained, **metrics}
         if getattr(module, "curve", None):
             report[name]["tokens_seen"] = int(trainer.global_step * batch_size * blocks.shape[1])
             report[name]["curve"] = [{"step": p["step"], "mean": sum(p["errors"].values()) / len(p["errors"]),
@@ -418,6 +429,19 @@ def evaluate(model, teacher, tokenizer, held_out: torch.Tensor, eval_cfg: dict, 
         out["mqar_acc"] = ev.mqar_accuracy(model, pool, int(mq.get("num_pairs", 16)), int(mq.get("num_queries", 16)),
                                            int(mq.get("trials", 8)))
     return out
+
+
+def check_train_modes(student, stages_cfg: dict) -> None:
+    """Before any stage runs: each later stage's ``train`` mode is known and its LoRA targets exist."""
+    from opdf_exp.subquadratic.adapters import DEFAULT_TARGETS, TRAIN_MODES, check_lora_targets
+
+    for name in ("hidden_alignment", "end_to_end"):
+        stage = stages_cfg.get(name) or {}
+        mode = str(stage.get("train", "all"))
+        if mode not in TRAIN_MODES:
+            raise ConfigError(f"task.stages.{name}.train={mode!r} is unknown; use one of {list(TRAIN_MODES)}")
+        if mode == "lora":
+            check_lora_targets(student, list((stage.get("lora") or {}).get("target_modules", DEFAULT_TARGETS)))
 
 
 def calibrate(student, teacher, train_blocks: torch.Tensor, num_blocks: int, init: str) -> dict[str, Any]:
@@ -472,9 +496,12 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
         dict(student_cfg.get("options") or {})
     if student_cfg.get("rope"):  # the teacher's rotary embedding on the mixers' queries and keys
         options["rope"] = True
+    if student_cfg.get("window"):  # LoLCATs' sliding-window softmax branch (linear attention)
+        options.update(window=int(student_cfg["window"]), normalize=True)
     attention_layers, auto_k, criterion = parse_attention_layers(student_cfg.get("attention_layers"),
                                                                  int(teacher.config.num_hidden_layers))
     student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
+    check_train_modes(student, task["stages"])
     calibration = calibrate(student, teacher, data.train, int(task.get("calibration_blocks") or 0), init)
     fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]
     chosen: dict[str, Any] = {}
