@@ -48,18 +48,18 @@ def test_disk_cache_is_reused_only_for_the_same_teacher_and_tokens(teacher, tmp_
     path = tmp_path / "stage1.safetensors"
     first = load_or_collect(teacher, blocks, [0, 2], path)
     assert path.exists() and not list(tmp_path.glob(".*partial"))  # written under a temporary name, then renamed
-    with caplog.at_level(logging.INFO, logger="opdf_exp.subquadratic.attention_cache"):
+    with caplog.at_level(logging.INFO, logger="opdf_exp.utils.keyed_file"):
         again = load_or_collect(teacher, blocks, [0, 2], path)
     assert "loaded from" in caplog.text
     torch.testing.assert_close(again.outputs[2], first.outputs[2], rtol=0, atol=0)
     other = tiny_llama(num_hidden_layers=3, seed=1)[0]  # another checkpoint of the same architecture
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="opdf_exp.subquadratic.attention_cache"):
+    with caplog.at_level(logging.INFO, logger="opdf_exp.utils.keyed_file"):
         rebuilt = load_or_collect(other, blocks, [0, 2], path)
     assert "rebuilt: its teacher differ" in caplog.text
     assert not torch.allclose(rebuilt.outputs[2], first.outputs[2])
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="opdf_exp.subquadratic.attention_cache"):
+    with caplog.at_level(logging.INFO, logger="opdf_exp.utils.keyed_file"):
         load_or_collect(other, blocks[:, :4].contiguous(), [0, 2], path)
     assert "rebuilt: its blocks, shape differ" in caplog.text
 

@@ -75,6 +75,7 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
                         "task.stages.attention_transfer.cache=disk", "task.stages.attention_transfer.max_steps=12",
                         "task.stages.attention_transfer.curve_every=4", "task.stages.hidden_alignment.train=mixers",
                         "task.stages.end_to_end.train=lora", "task.stages.end_to_end.lora.r=4",
+                        "task.stages.end_to_end.teacher_cache={kind: sampled, k: 16}",
                         f"paths.cache_dir={tmp_path / 'cache'}"]
     with compose_job(overrides, tmp_path) as cfg:
         run_task(cfg)
@@ -89,6 +90,10 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
     assert stages["hidden_alignment"]["train"] == "mixers"
     assert stages["hidden_alignment"]["params_trainable"] < stages["hidden_alignment"]["params_total"]
     assert stages["end_to_end"]["train"] == "lora" and stages["end_to_end"]["params_adapter"] > 0
+    cache = stages["end_to_end"]["teacher_cache"]  # 16 sampled ids (int32) + 1 entropy (float32) per token
+    assert cache["kind"] == "sampled" and cache["k"] == 16 and cache["bytes_per_token"] == 68
+    assert len(list((tmp_path / "cache" / "stage3").glob("*_sampled_k16.safetensors"))) == 1
+    assert stages["end_to_end"]["steps"] > 0 and stages["end_to_end"]["end_to_end/val/loss"] > 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")  # merged: a plain student again
     assert not any("lora" in n for n in reloaded.state_dict())
     assert reloaded.config.mixer_options["window"] == 8 and all(m.window == 8 for m in reloaded.mixers().values())
@@ -100,6 +105,9 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
     (["student=subquadratic/gla", "+student.window=8"], "student.window is defined for linear_attention"),
     (["student=subquadratic/gla", "task.stages.end_to_end.train=lora",
       "task.stages.end_to_end.lora.target_modules=[qkv]"], r"lora.target_modules \['qkv'\] match no linear layer"),
+    (["student=subquadratic/gla", "task.stages.end_to_end.teacher_cache={kind: sampled}",
+      "task.stages.end_to_end.divergence=reverse_kl"], "estimates forward KL on whole student logits only, not with "
+                                                       "divergence=reverse_kl"),
 ])
 def test_recipe_bad_input_fails_before_training(tmp_path, extra, message):
     from opdf_exp.runner.app import run_task

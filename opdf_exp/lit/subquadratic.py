@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from opdf_exp.distill.adapters import check_chunkable, hidden_and_head, model_logits
 from opdf_exp.distill.lm_objectives import DIVERGENCES, LMObjective, chunked_lm_loss, lm_loss
+from opdf_exp.distill.sparse_targets import SparseTargets, sparse_forward_kl
 from opdf_exp.errors import ConfigError
 from opdf_exp.subquadratic.attention_cache import AttentionIO
 from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, causal_mask_4d, teacher_attention  # noqa: F401
@@ -349,7 +350,11 @@ class EndToEndKDModule(_StageModule):
                  temperature: float = 1.0, kl_reduction: str = "token_mean", divergence: str = "forward_kl",
                  beta: float = 0.5, chunk_size: int | None = None, on_policy: float = 0.0,
                  on_policy_prompt: float = 0.5, on_policy_temperature: float = 1.0, freeze=(),
-                 align: nn.Module | None = None, align_weight: float = 0.0, **optim):
+                 align: nn.Module | None = None, align_weight: float = 0.0,
+                 teacher_targets: SparseTargets | None = None, **optim):
+        """``teacher_targets``: the teacher's sparse (sampled or top-k) distributions of the training blocks,
+        looked up by ``batch["block_index"]`` instead of running the teacher (distill/sparse_targets.py);
+        validation still runs the teacher."""
         unknown = sorted(set(freeze) - set(self.FREEZABLE))
         if unknown:
             raise ConfigError(f"stage-3 freeze has {unknown}; freezable parts: {list(self.FREEZABLE)}")
@@ -384,6 +389,17 @@ class EndToEndKDModule(_StageModule):
                                   "divergence to the teacher is a target")
             if not float(on_policy_temperature) > 0:
                 raise ConfigError(f"on_policy_temperature={on_policy_temperature} must be > 0")
+        if teacher_targets is not None:
+            why = ("divergence=" + divergence if divergence != "forward_kl" else "on_policy > 0" if on_policy > 0
+                   else f"chunk_size={chunk_size}" if chunk_size is not None
+                   else "kl_reduction=batchmean" if kl_reduction == "batchmean" else None)
+            if why:
+                raise ConfigError(f"a {teacher_targets.kind} teacher cache estimates forward KL on whole student "
+                                  f"logits only, not with {why}; set teacher_cache=null or change that option")
+            if teacher_targets.temperature != float(temperature):
+                raise ConfigError(f"the teacher cache was built at temperature {teacher_targets.temperature}, stage 3 "
+                                  f"distils at {temperature}; rebuild it with the stage's temperature")
+        self.teacher_targets = teacher_targets
         # kl_weight weighs the chosen divergence (forward KL by default, as before)
         self.objective = LMObjective({"ce": ce_weight, divergence: kl_weight}, temperature=temperature, beta=beta,
                                      chunk_size=chunk_size)
@@ -427,10 +443,27 @@ class EndToEndKDModule(_StageModule):
         return chunked_lm_loss(s_hidden[:, :-1].flatten(0, 1), s_head.weight, s_head.bias, labels, weights,
                                objective, (lambda a, b: t_head(t_hidden[a:b])) if t_hidden is not None else None)
 
+    def _sparse_target_losses(self, ids, mask, index) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE + kl_weight * forward KL estimated from the cached sparse teacher targets of blocks ``index``."""
+        hp, cached = self.hparams, self.teacher_targets
+        labels = ids[:, 1:].reshape(-1)
+        weights = (torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else
+                   (mask[:, 1:] * mask[:, :-1]).float()).reshape(-1)            # (B*(T-1),)
+        s = model_logits(self.student, input_ids=ids, attention_mask=mask, use_cache=False)[:, :-1].flatten(0, 1)
+        n = weights.sum().clamp_min(1)
+        ce = (F.cross_entropy(s.float(), labels, reduction="none") * weights).sum() / n
+        index = index.cpu()
+        probs = None if cached.probs is None else cached.probs[index].flatten(0, 1).to(s.device)
+        kd, kl = sparse_forward_kl(s, cached.ids[index].flatten(0, 1).to(s.device), weights,
+                                   cached.entropy[index].flatten(0, 1).to(s.device), probs, cached.temperature)
+        return hp.ce_weight * ce + hp.kl_weight * kd, {"ce": ce, "forward_kl": kl}
+
     def _losses(self, batch):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         hp = self.hparams
-        if hp.kl_reduction == "batchmean":  # the authors' reduction, kept for reproduction
+        if self.teacher_targets is not None and "block_index" in batch:
+            total, values = self._sparse_target_losses(ids, mask, batch["block_index"])
+        elif hp.kl_reduction == "batchmean":  # the authors' reduction, kept for reproduction
             with torch.no_grad():
                 t = model_logits(self.teacher, input_ids=ids, attention_mask=mask, use_cache=False)
             s = model_logits(self.student, input_ids=ids, attention_mask=mask, use_cache=False)

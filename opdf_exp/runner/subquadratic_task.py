@@ -108,15 +108,37 @@ def write_stage1_curve(curve: list[dict], output_dir: Path | None) -> None:
 
 
 class _BlockDataset(Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    """Full training blocks; ``with_index`` adds each block's row (stage 3 looks up cached teacher targets)."""
+
+    def __init__(self, blocks: torch.Tensor, with_index: bool = False):
+        self.blocks, self.with_index = blocks, with_index
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.with_index:
+            item["block_index"] = torch.tensor(i)
+        return item
+
+
+def stage3_teacher_targets(cfg: DictConfig, teacher, blocks: torch.Tensor, options: dict, batch_size: int):
+    """The teacher's sparse next-token targets of the stage-3 blocks, from ``<paths.cache_dir>/stage3/`` when its
+    key (teacher, vocabulary, blocks, block size, kind, k, temperature, seed) matches, else built and stored."""
+    from opdf_exp.distill.sparse_targets import load_or_build_targets
+    from opdf_exp.utils.keyed_file import tensor_digest
+
+    options = dict(options)
+    kind, k = str(options.pop("kind", "sampled")), options.pop("k", 64)
+    temperature, seed = float(options.pop("temperature", 1.0)), int(options.pop("seed", 0))
+    if options:
+        raise ConfigError(f"task.stages.end_to_end.teacher_cache has unknown keys {sorted(options)}; use kind, k, "
+                          "temperature, seed")
+    root = Path(str(cfg.paths.get("cache_dir") or cfg.paths.output_dir)).expanduser()
+    path = root / "stage3" / f"{tensor_digest(blocks)[:16]}_{kind}_k{k}.safetensors"
+    return load_or_build_targets(teacher, blocks, path, kind, k, temperature, seed, batch_size)
 
 
 def load_teacher(teacher_cfg: DictConfig, cache_dir: str | None):
@@ -322,6 +344,41 @@ class Stage3Decomposition:
         return self.report
 
 
+def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, blocks: torch.Tensor,
+               val: DataLoader, batch_size: int, epochs: int, extra: dict):
+    """A stage's (train loader, val loader, cache report, epochs). Stage 1 with ``cache`` steps over cached teacher
+    activations (shuffled rows, as many epochs as ``max_steps`` asks); stage 3 with ``teacher_cache`` reads sparse
+    teacher targets by block index. Fills ``extra`` with the module options they need; pops the cache keys off
+    ``stage_cfg``."""
+    started = time.perf_counter()
+    loader = DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
+    targets_cfg = stage_cfg.pop("teacher_cache", None) if name == "end_to_end" else None
+    if targets_cfg:
+        targets = stage3_teacher_targets(cfg, teacher, blocks, _plain(targets_cfg), batch_size)
+        extra["teacher_targets"] = targets
+        vocab = int(teacher.get_output_embeddings().weight.shape[0])
+        report = {"teacher_cache": {"kind": targets.kind, "k": int(targets.ids.shape[-1]),
+                                    "mb": round(targets.nbytes() / 2 ** 20, 2),
+                                    "bytes_per_token": round(targets.nbytes() / max(targets.entropy.numel(), 1), 1),
+                                    "full_fp16_logits_bytes_per_token": 2 * vocab,
+                                    "seconds": round(time.perf_counter() - started, 2)}}
+        return DataLoader(_BlockDataset(blocks, with_index=True), batch_size=batch_size), val, report, epochs
+    if name != "attention_transfer":
+        return loader, val, {}, epochs
+    mode = str(stage_cfg.pop("cache", "off"))
+    max_gb = float(stage_cfg.pop("cache_max_gb", 4.0))
+    if mode == "off":
+        return loader, val, {}, epochs
+    acts, val_acts = stage1_activations(cfg, student, teacher, blocks, val.dataset.blocks, mode, batch_size, max_gb)
+    extra.update(activations=acts, val_activations=val_acts)
+    report = {"cache": mode, "cache_mb": round((acts.nbytes() + val_acts.nbytes()) / 2 ** 20, 1),
+              "cache_seconds": round(time.perf_counter() - started, 2)}
+    loader = DataLoader(_IndexDataset(acts.num_blocks), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(int(cfg.get("seed") or 0)))
+    stage_val = DataLoader(_IndexDataset(val_acts.num_blocks), batch_size=batch_size)
+    return loader, stage_val, report, (-1 if stage_cfg.get("max_steps") else epochs)
+
+
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
                stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None,
                decomposition: Stage3Decomposition | None = None, output_dir: Path | None = None) -> dict[str, Any]:
@@ -351,23 +408,9 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         max_steps = stage_cfg.get("max_steps")
         epochs = int(stage_cfg.get("epochs", 1) or 1)
         extra = decomposition.apply(student) if decomposition is not None and name == "end_to_end" else {}
-        loader = DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
-        stage_val, cached = val, {}
         started = time.perf_counter()
-        if name == "attention_transfer":
-            mode = str(stage_cfg.pop("cache", "off"))
-            max_gb = float(stage_cfg.pop("cache_max_gb", 4.0))
-            if mode != "off":  # one teacher walk, then steps over the cached rows (shuffled, as many epochs as
-                acts, val_acts = stage1_activations(cfg, student, teacher, blocks, val.dataset.blocks, mode,
-                                                    batch_size, max_gb)  # max_steps asks)
-                extra.update(activations=acts, val_activations=val_acts)
-                cached = {"cache": mode, "cache_mb": round((acts.nbytes() + val_acts.nbytes()) / 2 ** 20, 1),
-                          "cache_seconds": round(time.perf_counter() - started, 2)}
-                loader = DataLoader(_IndexDataset(acts.num_blocks), batch_size=batch_size, shuffle=True,
-                                    generator=torch.Generator().manual_seed(int(cfg.get("seed") or 0)))
-                stage_val = DataLoader(_IndexDataset(val_acts.num_blocks), batch_size=batch_size)
-                if max_steps:
-                    epochs = -1  # the step budget decides how often the cached rows are revisited
+        loader, stage_val, cached, epochs = stage_data(cfg, name, stage_cfg, student, teacher, blocks, val,
+                                                       batch_size, epochs, extra)
         train_mode, lora = str(stage_cfg.pop("train", "all")), stage_cfg.pop("lora", None)
         trained = {}
         if name != "attention_transfer":  # stage 1 trains the mixers by construction
@@ -380,7 +423,7 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
                      "val_check_interval": None, "check_val_every_n_epoch": 1}
         if module.manual:
             overrides["gradient_clip_val"] = None  # the layer-wise stages clip themselves (manual optimisation)
-        if cached and max_steps:  # validate once, at the end, not after every pass over a small cache
+        if "cache" in cached and max_steps:  # validate once, at the end, not after every pass over a small cache
             overrides.update(check_val_every_n_epoch=None, val_check_interval=int(max_steps))
         trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False)
         trainer.fit(module, loader, stage_val)
@@ -442,6 +485,21 @@ def check_train_modes(student, stages_cfg: dict) -> None:
             raise ConfigError(f"task.stages.{name}.train={mode!r} is unknown; use one of {list(TRAIN_MODES)}")
         if mode == "lora":
             check_lora_targets(student, list((stage.get("lora") or {}).get("target_modules", DEFAULT_TARGETS)))
+    stage3 = stages_cfg.get("end_to_end") or {}
+    cache = stage3.get("teacher_cache")
+    if cache:
+        from opdf_exp.distill.sparse_targets import check_settings
+
+        check_settings(str(cache.get("kind", "sampled")), cache.get("k", 64), cache.get("temperature", 1.0))
+        conflicts = [f"{key}={stage3.get(key)}" for key, default in
+                     (("divergence", "forward_kl"), ("on_policy", 0.0), ("chunk_size", None),
+                      ("kl_reduction", "token_mean")) if stage3.get(key, default) != default]
+        if conflicts:
+            raise ConfigError(f"task.stages.end_to_end.teacher_cache estimates forward KL on whole student logits "
+                              f"only, not with {', '.join(conflicts)}; set teacher_cache=null or change that option")
+        if float(cache.get("temperature", 1.0)) != float(stage3.get("temperature", 1.0)):
+            raise ConfigError("task.stages.end_to_end.teacher_cache.temperature must equal the stage's temperature "
+                              f"({stage3.get('temperature', 1.0)})")
 
 
 def calibrate(student, teacher, train_blocks: torch.Tensor, num_blocks: int, init: str) -> dict[str, Any]:

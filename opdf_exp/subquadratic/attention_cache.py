@@ -16,19 +16,16 @@ so a killed job never leaves a half-written cache that a later job would trust.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from opdf_exp.distill.teacher_cache import teacher_fingerprint
 from opdf_exp.subquadratic.teacher_forcing import TeacherWalk, teacher_attention
-
-log = logging.getLogger(__name__)
+from opdf_exp.utils.keyed_file import load_or_build, tensor_digest
 
 
 @dataclass
@@ -88,56 +85,23 @@ def collect_attention_io(teacher: nn.Module, blocks: torch.Tensor, layers, batch
                        cos, sin)
 
 
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """The teacher's config plus a float64 checksum of every weight: a different checkpoint changes it."""
-    digest = hashlib.sha256(teacher.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, p in sorted(teacher.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(f"{p.double().sum().item():.17g}/{p.double().abs().sum().item():.17g}".encode())
-    return digest.hexdigest()
-
-
 def cache_key(teacher: nn.Module, blocks: torch.Tensor, layers, dtype: torch.dtype) -> dict[str, str]:
     """What the cached activations depend on; a file with another key is stale."""
-    return {"teacher": teacher_fingerprint(teacher),
-            "blocks": hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest(),
+    return {"teacher": teacher_fingerprint(teacher), "blocks": tensor_digest(blocks),
             "shape": json.dumps(list(blocks.shape)), "layers": json.dumps(sorted(int(i) for i in layers)),
             "dtype": str(dtype)}
-
-
-def _stale_reason(stored: dict[str, str], wanted: dict[str, str]) -> str | None:
-    differing = [k for k in wanted if stored.get(k) != wanted[k]]
-    return f"its {', '.join(differing)} differ" if differing else None
 
 
 def load_or_collect(teacher: nn.Module, blocks: torch.Tensor, layers, path: str | Path, batch_size: int = 4,
                     dtype: torch.dtype = torch.float32) -> AttentionIO:
     """The activations from ``path`` when its key matches the teacher, blocks, layers and dtype; otherwise
-    collected and written atomically to ``path`` (see the module docstring)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    collected and written atomically to ``path`` (``utils/keyed_file.py``)."""
+    def build() -> dict[str, torch.Tensor]:
+        io = collect_attention_io(teacher, blocks, layers, batch_size, dtype)
+        return {**{f"in.{i}": t for i, t in io.inputs.items()}, **{f"out.{i}": t for i, t in io.outputs.items()},
+                "cos": io.cos, "sin": io.sin}
 
-    path = Path(path)
-    key = cache_key(teacher, blocks, layers, dtype)
-    if path.exists():
-        with safe_open(str(path), framework="pt") as f:
-            reason = _stale_reason(f.metadata() or {}, key)
-            if reason is None:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-                log.info("stage-1 activations loaded from %s", path)
-                return AttentionIO({int(k[3:]): v for k, v in tensors.items() if k.startswith("in.")},
-                                   {int(k[4:]): v for k, v in tensors.items() if k.startswith("out.")},
-                                   tensors["cos"], tensors["sin"])
-        log.info("stage-1 activation cache %s is rebuilt: %s", path, reason)
-    io = collect_attention_io(teacher, blocks, layers, batch_size, dtype)
-    tensors = {**{f"in.{i}": t.contiguous() for i, t in io.inputs.items()},
-               **{f"out.{i}": t.contiguous() for i, t in io.outputs.items()},
-               "cos": io.cos.contiguous(), "sin": io.sin.contiguous()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file(tensors, str(partial), metadata=key)
-    os.replace(partial, path)
-    log.info("stage-1 activations of %d blocks x %d layers cached in %s (%.1f MB)", io.num_blocks, len(io.layers),
-             path, io.nbytes() / 2 ** 20)
-    return io
+    tensors = load_or_build(path, cache_key(teacher, blocks, layers, dtype), build, "stage-1 activation cache")
+    return AttentionIO({int(k[3:]): v for k, v in tensors.items() if k.startswith("in.")},
+                       {int(k[4:]): v for k, v in tensors.items() if k.startswith("out.")},
+                       tensors["cos"], tensors["sin"])
