@@ -59,6 +59,11 @@ def test_targets_from_a_teacher_and_their_file_key(tmp_path, caplog):
         caplog.clear()
         load_or_build_targets(teacher, blocks[:, :6].contiguous(), path, "sampled", k=8, seed=3)
         assert "blocks, block_size differ" in caplog.text
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.subquadratic import convert
+
+    module = EndToEndKDModule(convert(teacher, "gla"), teacher, teacher_targets=sampled)
+    assert "teacher_targets" not in module.hparams  # never serialised into hparams.yaml or checkpoints
     with pytest.raises(ConfigError, match="teacher_cache.kind='full' is unknown"):
         build_sparse_targets(teacher, blocks, "full")
     with pytest.raises(ConfigError, match="teacher_cache.k=0 must be a positive number"):

@@ -31,6 +31,7 @@ def test_cached_stage1_losses_equal_the_teacher_walk(teacher, target):
     assert io.layers == [0, 2] and io.inputs[0].shape == (3, 16, 64)
     walked = AttentionTransferModule(student, teacher, target=target)
     cached = AttentionTransferModule(student, teacher, target=target, activations=io)
+    assert "activations" not in cached.hparams  # never serialised into hparams.yaml or checkpoints
     batch = {"input_ids": blocks, "attention_mask": torch.ones_like(blocks)}
     ref = walked.layer_losses(batch, backward=True)
     ref_grads = [None if p.grad is None else p.grad.clone() for p in walked.trainable_parameters()]

@@ -46,13 +46,16 @@ class _StageModule(pl.LightningModule):
     the parameters this stage trains (``trainable_parameters``), losses logged as ``{prefix}{split}/loss``."""
 
     manual = False
+    # tensors passed in, never hyperparameters: saving them would write the cached activations or teacher
+    # targets (hundreds of MB) into every logger's hparams.yaml and every checkpoint
+    DATA_ARGS = ("activations", "val_activations", "teacher_targets")
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lr: float = 2e-4, weight_decay: float = 0.1,
                  betas=(0.9, 0.95), warmup_ratio: float = 0.1, scheduler: str = "cosine", min_lr_ratio: float = 0.0,
                  decay_ratio: float = 0.1, gradient_clip: float = 1.0, log_prefix: str = "",
                  mpo_lr_scale: float = 1.0, mpo_weight_decay: float = 0.0):
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "align"])
+        self.save_hyperparameters(ignore=["student", "teacher", "align", *self.DATA_ARGS])
         self.student, self.teacher = student, teacher
         teacher.eval().requires_grad_(False)
         if self.manual:

