@@ -76,6 +76,7 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
                         "task.stages.attention_transfer.curve_every=4", "task.stages.hidden_alignment.train=mixers",
                         "task.stages.end_to_end.train=lora", "task.stages.end_to_end.lora.r=4",
                         "task.stages.end_to_end.teacher_cache={kind: sampled, k: 16}",
+                        "task.stages.curve_blocks=2", "task.stages.end_to_end.eval_every=2",
                         f"paths.cache_dir={tmp_path / 'cache'}"]
     with compose_job(overrides, tmp_path) as cfg:
         run_task(cfg)
@@ -94,6 +95,11 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
     assert cache["kind"] == "sampled" and cache["k"] == 16 and cache["bytes_per_token"] == 68
     assert len(list((tmp_path / "cache" / "stage3").glob("*_sampled_k16.safetensors"))) == 1
     assert stages["end_to_end"]["steps"] > 0 and stages["end_to_end"]["end_to_end/val/loss"] > 0
+    curve = stages["recovery_curve"]  # conversion, every stage, and every 2 stage-3 steps
+    assert [p["stage"] for p in curve][:3] == ["conversion", "attention_transfer", "hidden_alignment"]
+    assert curve[-1]["stage"] == "end_to_end" and sum(p["stage"] == "end_to_end" for p in curve) >= 2
+    assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve) and (tmp_path / "recovery_curve.md").exists()
+    assert curve[-1]["perplexity"] == stages["end_to_end"]["perplexity"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")  # merged: a plain student again
     assert not any("lora" in n for n in reloaded.state_dict())
     assert reloaded.config.mixer_options["window"] == 8 and all(m.window == 8 for m in reloaded.mixers().values())

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -344,6 +345,64 @@ class Stage3Decomposition:
         return self.report
 
 
+class RecoveryCurve(pl.Callback):
+    """Perplexity and KL(teacher || student) per token on a few held-out blocks every ``every`` optimizer steps of
+    a stage (0: never inside it), appended to ``points`` as {"stage", "step", "tokens", "perplexity", "kl"}."""
+
+    def __init__(self, stage: str, teacher, blocks: torch.Tensor, every: int, tokens_per_step: int,
+                 points: list[dict]):
+        self.stage, self.teacher, self.blocks, self.every = stage, teacher, blocks, int(every or 0)
+        self.tokens_per_step, self.points = tokens_per_step, points
+
+    def measure(self, student, step: int, offset_tokens: int) -> None:
+        from opdf_exp.subquadratic.evaluate import perplexity_and_kl
+
+        if self.points and (self.points[-1]["stage"], self.points[-1]["step"]) == (self.stage, step):
+            return  # the stage's last step was already measured
+        was_training = student.training
+        student.eval()
+        quality = perplexity_and_kl(student, self.teacher, self.blocks)
+        student.train(was_training)
+        self.points.append({"stage": self.stage, "step": step, "tokens": offset_tokens + step * self.tokens_per_step,
+                            "perplexity": quality["perplexity"], "kl": quality["kl_per_token"]})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0:
+            self.measure(pl_module.student, step, self._offset)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._offset = self.points[-1]["tokens"] if self.points else 0
+
+
+def write_recovery_curve(points: list[dict], output_dir: Path | None) -> None:
+    """The recovery curve (perplexity and KL against training tokens, stage by stage) as a table and a plot."""
+    if output_dir is None or not points:
+        return
+    rows = ["| after | step | tokens | perplexity | KL per token |", "|---|---|---|---|---|"]
+    rows += [f"| {p['stage']} | {p['step']} | {p['tokens']:,} | {p['perplexity']:.2f} | {p['kl']:.4f} |"
+             for p in points]
+    (output_dir / "recovery_curve.md").write_text("\n".join(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+        tokens = [p["tokens"] for p in points]
+        for ax, key, label in ((axes[0], "perplexity", "held-out perplexity"), (axes[1], "kl", "KL per token")):
+            ax.plot(tokens, [p[key] for p in points], marker="o")
+            ax.set_yscale("log")
+            ax.set_xlabel("training tokens (all stages)")
+            ax.set_ylabel(label)
+        fig.tight_layout()
+        fig.savefig(output_dir / "recovery_curve.png", dpi=100)
+        plt.close(fig)
+    except Exception as error:  # a plot must never fail a run
+        log.warning("recovery-curve plot skipped: %s", error)
+
+
 def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, blocks: torch.Tensor,
                val: DataLoader, batch_size: int, epochs: int, extra: dict):
     """A stage's (train loader, val loader, cache report, epochs). Stage 1 with ``cache`` steps over cached teacher
@@ -354,6 +413,9 @@ def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, bl
     loader = DataLoader(_BlockDataset(blocks), batch_size=batch_size, shuffle=False)
     targets_cfg = stage_cfg.pop("teacher_cache", None) if name == "end_to_end" else None
     if targets_cfg:
+        max_steps = stage_cfg.get("max_steps")
+        if max_steps and epochs == 1:  # one unshuffled pass stops after max_steps batches: cache only those
+            blocks = blocks[: int(max_steps) * batch_size]
         targets = stage3_teacher_targets(cfg, teacher, blocks, _plain(targets_cfg), batch_size)
         extra["teacher_targets"] = targets
         vocab = int(teacher.get_output_embeddings().weight.shape[0])
@@ -392,6 +454,10 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
     slices = split_blocks(train_blocks, shares)
     val = DataLoader(_BlockDataset(held_out[: int(stages_cfg.get("val_blocks", 16))]), batch_size=batch_size)
     report: dict[str, Any] = {}
+    recovery: list[dict] = []
+    curve_blocks = int(stages_cfg.get("curve_blocks", 0) or 0)
+    if curve_blocks:  # the converted (and calibrated) student before any training
+        RecoveryCurve("conversion", teacher, held_out[:curve_blocks], 0, 0, recovery).measure(student, 0, 0)
     for name, share in shares.items():
         if name == "hidden_alignment" and after_stage1 is not None:
             student = after_stage1(student)
@@ -405,6 +471,7 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
             report[name] = {"skipped": "no token-mixer layers", "blocks": int(blocks.shape[0])}
             continue
         stage_cfg = dict(stages_cfg.get(name) or {})
+        stage_cfg_all = {"eval_every": stage_cfg.pop("eval_every", 0)}
         max_steps = stage_cfg.get("max_steps")
         epochs = int(stage_cfg.get("epochs", 1) or 1)
         extra = decomposition.apply(student) if decomposition is not None and name == "end_to_end" else {}
@@ -425,7 +492,10 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
             overrides["gradient_clip_val"] = None  # the layer-wise stages clip themselves (manual optimisation)
         if "cache" in cached and max_steps:  # validate once, at the end, not after every pass over a small cache
             overrides.update(check_val_every_n_epoch=None, val_check_interval=int(max_steps))
-        trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False)
+        curve = RecoveryCurve(name, teacher, held_out[:curve_blocks], int(stage_cfg_all.get("eval_every") or 0),
+                              batch_size * blocks.shape[1], recovery) if curve_blocks else None
+        trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False,
+                                extra_callbacks=[curve] if curve else None)
         trainer.fit(module, loader, stage_val)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
         if trained:
@@ -433,15 +503,21 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
 
             merge_adapters(student)  # a plain model again for the next stage, the evaluation and the save
         report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
+                        "tokens_seen": int(trainer.global_step * batch_size * blocks.shape[1]),
                         "seconds": round(time.perf_counter() - started, 2), **cached, **trained, **metrics}
         if getattr(module, "curve", None):
-            report[name]["tokens_seen"] = int(trainer.global_step * batch_size * blocks.shape[1])
             report[name]["curve"] = [{"step": p["step"], "mean": sum(p["errors"].values()) / len(p["errors"]),
                                       "layers": {str(i): e for i, e in p["errors"].items()}} for p in module.curve]
             write_stage1_curve(module.curve, output_dir)
         if decomposition is not None and name == "end_to_end":
             report["decomposition"] = decomposition.export(student)
         student.eval()
+        if curve is not None:  # after the stage (adapters merged, MPO contracted): the deployable student
+            curve.measure(student, trainer.global_step, curve._offset)
+            report[name].update(perplexity=recovery[-1]["perplexity"], kl_per_token=recovery[-1]["kl"])
+    if recovery:
+        report["recovery_curve"] = recovery
+        write_recovery_curve(recovery, output_dir)
     report["student"] = student
     return report
 
