@@ -11,8 +11,9 @@ Steps (each timed; a failing step is reported and the others still run):
    distillation with tensor alignment, a timm ViT, the three subquadratic stages with two mixers, the geometry toy
    study;
 4. FSDP on one device (text distillation with an MPO student);
-5. the mixers' fused kernels (fla, mamba_ssm, mlstm_kernels) against our chunked torch kernels on CUDA: outputs
-   and gradients, float32 and bf16 (``OPDF_MIXERS_FAST=0`` is the torch path);
+5. the mixers' fused kernels (fla, mamba_ssm, mlstm_kernels) against our chunked torch kernels on CUDA: outputs,
+   final states and gradients, float32 and bf16 (``OPDF_MIXERS_FAST=0`` is the torch path), then forward+backward
+   tokens/s of every mixer layer against an SDPA (flash) attention layer of the same width at T = 2k, 8k, 32k;
 6. the OPDF training-step overhead against dense at 4,096 tokens per step (bf16-mixed, a 6-layer BERT-base-width
    student with random weights, MPO n = 2, 3, 5).
 
@@ -143,22 +144,83 @@ def fast_paths() -> str:
     from tests.test_mixers import build, grads, inputs, rel
 
     lines = ["## Fused kernels against the torch chunked path (CUDA)", "",
-             "| mixer | dtype | output rel. error | input-grad rel. error | worst parameter-grad rel. error |",
-             "|---|---|---|---|---|"]
+             "| mixer | dtype | output rel. error | worst final-state rel. error | input-grad rel. error | "
+             "worst parameter-grad rel. error |", "|---|---|---|---|---|---|"]
     for name in list_mixers():
         for dtype in (torch.float32, torch.bfloat16):
             mixer = build(name, {}).cuda().to(dtype)
             x = inputs(2, 256).cuda().to(dtype)
+            states = {}
+            for fast in ("0", "1"):
+                os.environ["OPDF_MIXERS_FAST"] = fast
+                with torch.no_grad():
+                    states[fast] = mixer(x, output_final_state=True)[1]
             os.environ["OPDF_MIXERS_FAST"] = "0"
             y_ref, gx_ref, gp_ref = grads(mixer, x, mixer)
             os.environ["OPDF_MIXERS_FAST"] = "1"
             y, gx, gp = grads(mixer, x, mixer)
             worst = max((rel(gp[n].float(), gp_ref[n].float()) for n in gp_ref if n in gp), default=0.0)
-            lines.append(f"| {name} | {str(dtype)[6:]} | {rel(y.float(), y_ref.float()):.2e} | "
+            state_err = max((rel(states["1"][k].float(), states["0"][k].float()) for k in states["0"]), default=0.0)
+            lines.append(f"| {name} | {str(dtype)[6:]} | {rel(y.float(), y_ref.float()):.2e} | {state_err:.2e} | "
                          f"{rel(gx.float(), gx_ref.float()):.2e} | {worst:.2e} |")
     REPORT.sections.append("\n".join(lines) + "\n")
     kernels = {m: importlib.util.find_spec(m) is not None for m in OPTIONAL_KERNELS}
     return "fused packages: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in kernels.items())
+
+
+def mixer_throughput(lengths=(2048, 8192, 32768), hidden: int = 576, heads: int = 9, repeats: int = 3,
+                     device: str = "cuda") -> str:
+    """Forward+backward tokens/s (batch 1, bf16) of each mixer layer (its fused kernel when installed) against an
+    attention layer of the same width: q/k/v/o projections + ``scaled_dot_product_attention(is_causal=True)``
+    (flash on CUDA). Every model at every T gets one warm-up, then the best of ``repeats`` timed runs."""
+    import torch
+    import torch.nn.functional as F
+
+    from opdf_exp.mixers import create_mixer, list_mixers
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = torch.nn.Linear(hidden, 3 * hidden, bias=False), torch.nn.Linear(hidden, hidden,
+                                                                                                 bias=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+            return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+
+    os.environ["OPDF_MIXERS_FAST"] = "1"
+    models = {"attention (SDPA)": Attention(), **{name: create_mixer(name, hidden, heads) for name in list_mixers()}}
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    lines = ["## Forward+backward tokens/s of one layer, batch 1, bf16 (CUDA)", "",
+             "| layer | " + " | ".join(f"T = {t:,}" for t in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for name, model in models.items():
+        model = model.to(device=device, dtype=dtype)
+        cells = []
+        for t in lengths:
+            try:
+                x = torch.randn(1, t, hidden, device=device, dtype=dtype, requires_grad=True)
+                best = float("inf")
+                for i in range(repeats + 1):
+                    sync()
+                    started = time.perf_counter()
+                    model(x).float().pow(2).mean().backward()
+                    sync()
+                    if i:
+                        best = min(best, time.perf_counter() - started)
+                cells.append(f"{t / best:,.0f}")
+            except torch.cuda.OutOfMemoryError:
+                cells.append("OOM")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    REPORT.sections.append("\n".join(lines) + "\n")
+    return f"{len(models)} layers x {len(lengths)} lengths"
 
 
 def opdf_overhead(tokens: int = 4096, repeats: int = 10) -> str:
@@ -225,8 +287,10 @@ def dry_run() -> int:
     from opdf_exp.mixers import list_mixers
     from tests.test_mixers import build  # noqa: F401  (the fast-path step's helpers)
 
-    print(f"[dry-run] ok      fused-kernel comparison over {len(list_mixers())} mixers; OPDF overhead at 4096 "
-          "tokens, n = 2, 3, 5")
+    mixer_throughput(lengths=(64,), hidden=48, heads=4, repeats=1, device="cpu")  # the step itself, tiny, on CPU
+    REPORT.sections.clear()
+    print(f"[dry-run] ok      fused-kernel comparison over {len(list_mixers())} mixers (outputs, final states, "
+          "gradients); tokens/s of each mixer vs SDPA at T = 2k, 8k, 32k; OPDF overhead at 4096 tokens, n = 2, 3, 5")
     print(f"[dry-run] {'all steps compose' if not problems else f'{problems} problem(s)'}")
     return 1 if problems else 0
 
@@ -257,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, (name, overrides) in enumerate(JOBS):
             REPORT.step(f"job: {name}", cli_job, overrides, Path(tmp) / str(index))
     REPORT.step("fused kernels vs chunked torch kernels", fast_paths)
+    REPORT.step("mixer layers vs SDPA attention, tokens/s", mixer_throughput)
     REPORT.step("OPDF step overhead at 4k tokens", opdf_overhead)
     REPORT.sections.append(f"Total {time.perf_counter() - started:.0f} s.")
     Path(args.out).write_text(REPORT.markdown("GPU check"))
