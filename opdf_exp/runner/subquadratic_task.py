@@ -420,6 +420,7 @@ def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, bl
         extra["teacher_targets"] = targets
         vocab = int(teacher.get_output_embeddings().weight.shape[0])
         report = {"teacher_cache": {"kind": targets.kind, "k": int(targets.ids.shape[-1]),
+                                    "blocks": int(targets.ids.shape[0]),
                                     "mb": round(targets.nbytes() / 2 ** 20, 2),
                                     "bytes_per_token": round(targets.nbytes() / max(targets.entropy.numel(), 1), 1),
                                     "full_fp16_logits_bytes_per_token": 2 * vocab,
