@@ -178,11 +178,12 @@ def test_transformer_student_runs_the_same_pipeline(tmp_path):
                  "task.evaluation.throughput={}", "task.evaluation.passkey.context_tokens=[]", "task.evaluation.mqar={}",
                  "task.save_student=false", "data.sequence_kd.enabled=true", "data.sequence_kd.prompt_tokens=8",
                  "task.stages.end_to_end.divergence=jsd", "task.stages.end_to_end.chunk_size=16",
-                 "task.stages.end_to_end.on_policy=0.5"]
+                 "task.stages.end_to_end.on_policy=0.5", "task.stages.hidden_alignment.train=mixers"]
     with compose_job(overrides, tmp_path) as cfg:
         run_task(cfg)
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["stages"]["attention_transfer"]["skipped"] == "no token-mixer layers"
+    assert result["stages"]["hidden_alignment"]["train"] == "all"  # no mixers: its fresh attention must train
     assert result["stages"]["end_to_end"]["steps"] > 0
     assert list((tmp_path / "cache" / "sequence_kd").glob("*.safetensors"))
     rows = list(csv.DictReader(next((tmp_path / "csv").rglob("metrics.csv")).open()))

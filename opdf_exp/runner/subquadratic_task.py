@@ -480,6 +480,9 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         loader, stage_val, cached, epochs = stage_data(cfg, name, stage_cfg, student, teacher, blocks, val,
                                                        batch_size, epochs, extra)
         train_mode, lora = str(stage_cfg.pop("train", "all")), stage_cfg.pop("lora", None)
+        if train_mode != "all" and not student.mixers():  # the Transformer baseline: its attention is freshly
+            log.warning("%s: the student has no token mixers; train=%s falls back to train=all", name, train_mode)
+            train_mode = "all"                            # initialised, so nothing may stay frozen
         trained = {}
         if name != "attention_transfer":  # stage 1 trains the mixers by construction
             from opdf_exp.subquadratic.adapters import set_train_mode
@@ -560,7 +563,7 @@ def check_train_modes(student, stages_cfg: dict) -> None:
         mode = str(stage.get("train", "all"))
         if mode not in TRAIN_MODES:
             raise ConfigError(f"task.stages.{name}.train={mode!r} is unknown; use one of {list(TRAIN_MODES)}")
-        if mode == "lora":
+        if mode == "lora" and student.mixers():  # without mixers the stage trains everything (run_stages)
             check_lora_targets(student, list((stage.get("lora") or {}).get("target_modules", DEFAULT_TARGETS)))
     stage3 = stages_cfg.get("end_to_end") or {}
     cache = stage3.get("teacher_cache")
