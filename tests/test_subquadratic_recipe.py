@@ -95,7 +95,7 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
     assert cache["kind"] == "sampled" and cache["k"] == 16 and cache["bytes_per_token"] == 68
     assert len(list((tmp_path / "cache" / "stage3").glob("*_sampled_k16.safetensors"))) == 1
     assert stages["end_to_end"]["steps"] > 0 and stages["end_to_end"]["end_to_end/val/loss"] > 0
-    curve = stages["recovery_curve"]  # conversion, every stage, and every 2 stage-3 steps
+    curve = result["recovery_curve"]  # conversion, every stage, and every 2 stage-3 steps
     assert [p["stage"] for p in curve][:3] == ["conversion", "attention_transfer", "hidden_alignment"]
     assert curve[-1]["stage"] == "end_to_end" and sum(p["stage"] == "end_to_end" for p in curve) >= 2
     assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve) and (tmp_path / "recovery_curve.md").exists()

@@ -673,6 +673,7 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
                         int(cfg.data.batch_size), loggers, after_stage1, decomposition, output_dir) \
         if cfg.get("train", True) else {}
     student = stages.pop("student", student)
+    recovery = stages.pop("recovery_curve", [])
     decomposed = stages.pop("decomposition", None)
     if decomposition is not None and decomposed is None:
         log.warning("decomposition=%s had no effect: stage 3 (end_to_end) did not run", decomposition.kind)
@@ -700,6 +701,7 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
                            "student_inference": decomposed["params_dense_export"]}
                           if decomposed and "params_dense_export" in decomposed else {})},
             "decomposition": decomposed or {"kind": "none"}, "calibration": calibration,
+            "recovery_curve": recovery,
             "data": {"train_blocks": int(data.train.shape[0]), "held_out_blocks": int(data.held_out.shape[0]),
                      "block_size": int(data.train.shape[1]), "train_documents": len(data.train_docs),
                      "held_out_documents": len(data.held_out_docs)},
