@@ -38,6 +38,11 @@ TARGETS = ("matrix", "output")
 KL_REDUCTIONS = ("token_mean", "batchmean")
 
 
+def _batch_size(batch: dict) -> int:
+    """Rows of a batch: token blocks (``input_ids``) or cached rows (``index``)."""
+    return (batch["input_ids"] if "input_ids" in batch else batch["index"]).shape[0]
+
+
 def logged_terms(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Loss terms as logged: detached, forward KL under its historical name ``kl``."""
     return {("kl" if name == "forward_kl" else name): value.detach() for name, value in values.items()}
@@ -123,13 +128,13 @@ class _StageModule(pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.hparams.gradient_clip)
         opt.step()
         sched.step()
-        self._log("train", total, batch["input_ids"].shape[0])
+        self._log("train", total, _batch_size(batch))
         return None
 
     def validation_step(self, batch, batch_idx):
         with torch.no_grad():
             total = self.layer_losses(batch, backward=False)
-        self._log("val", total, batch["input_ids"].shape[0])
+        self._log("val", total, _batch_size(batch))
 
 
 class AttentionTransferModule(_StageModule):
@@ -242,25 +247,6 @@ class AttentionTransferModule(_StageModule):
     def on_train_end(self) -> None:
         self._record_curve()
 
-    def training_step(self, batch, batch_idx):
-        if "index" not in batch:
-            return super().training_step(batch, batch_idx)
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        opt.zero_grad(set_to_none=True)
-        total = self.cached_losses(batch["index"], self.activations, backward=True)
-        if self.hparams.gradient_clip:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.hparams.gradient_clip)
-        opt.step()
-        sched.step()
-        self._log("train", total, batch["index"].shape[0])
-        return None
-
-    def validation_step(self, batch, batch_idx):
-        if "index" not in batch:
-            return super().validation_step(batch, batch_idx)
-        total = self.cached_losses(batch["index"], self.val_activations, backward=False)
-        self._log("val", total, batch["index"].shape[0])
-
     def trainable_parameters(self):
         params = [p for m in self.mixer_layers.values() for name, p in m.named_parameters()
                   if p.requires_grad and not (self.freeze_copied and name.startswith(self.COPIED))]
@@ -271,6 +257,11 @@ class AttentionTransferModule(_StageModule):
         return params
 
     def layer_losses(self, batch, backward):
+        """Training batches of cached rows read ``activations``, validation ones ``val_activations``; batches of
+        tokens walk the teacher."""
+        if "index" in batch:
+            return self.cached_losses(batch["index"], self.activations if backward else self.val_activations,
+                                      backward)
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         walk = TeacherWalk(self.teacher, ids, mask)
         pad = None if mask is None or bool(mask.all()) else mask
