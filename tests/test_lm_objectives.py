@@ -217,3 +217,38 @@ def test_sequence_level_kd_blocks_are_the_teachers_continuations_and_cached(tmp_
         sequence_kd_blocks(teacher, blocks, SequenceKDSettings(prompt_tokens=12), tmp_path)
     with pytest.raises(ConfigError, match="decoding='beam' is unknown"):
         sequence_kd_blocks(teacher, blocks, SequenceKDSettings(decoding="beam"), tmp_path)
+
+
+def test_on_policy_generation_trains_lora_adapters_and_merges():
+    """The recipe's stage 3 (train=lora) with on_policy: the student generates through the injected peft layers
+    (adapters active), the on-policy loss reaches the adapters and not the frozen base weights, and after merging
+    the plain student produces the same logits as the adapted one."""
+    from opdf_exp.lit.subquadratic import EndToEndKDModule
+    from opdf_exp.models.causal_lm import tiny_llama
+    from opdf_exp.subquadratic.adapters import merge_adapters, set_train_mode
+    from opdf_exp.subquadratic.convert import convert
+
+    torch.manual_seed(0)
+    teacher, _ = tiny_llama(num_hidden_layers=2)
+    student = convert(teacher, "gla")
+    counts = set_train_mode(student, "lora", {"r": 4})
+    assert 0 < counts["adapter"] < counts["trainable"] < counts["total"]
+    for name, p in student.named_parameters():
+        if "lora_B" in name:  # B starts at 0, so the adapters would be invisible to generate; make them act
+            torch.nn.init.normal_(p, std=0.05)
+    module = EndToEndKDModule(student, teacher, on_policy=1.0, on_policy_prompt=0.5)
+    ids = torch.randint(0, 200, (2, 12))
+    sequences, prompt = module.generate_continuations(ids, None)
+    assert sequences.shape == ids.shape and torch.equal(sequences[:, :prompt], ids[:, :prompt])
+    total, _ = module._on_policy_losses({"input_ids": ids})
+    total.backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert any("lora_A" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert not any(n.endswith("base_layer.weight") for n in grads)  # the copied projections stay frozen
+    student.eval()
+    with torch.no_grad():
+        adapted = student(ids).logits
+        assert merge_adapters(student) > 0
+        merged = student(ids).logits
+    assert not any("lora_" in n for n, _ in student.named_parameters())
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)

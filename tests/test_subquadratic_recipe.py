@@ -105,6 +105,47 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
     assert reloaded.config.mixer_options["window"] == 8 and all(m.window == 8 for m in reloaded.mixers().values())
 
 
+def test_stage_prefix_reuse_is_exact_and_keyed_on_what_the_stages_depend_on(tmp_path):
+    """task.stages.reuse: a second job with the same stages 1-2 and another stage-3 rate starts from the stored
+    prefix (weights, reports, curve points, output files, generator states), and a third job identical to the
+    first reproduces its every number while skipping stages 1 and 2. A changed stage-1 setting misses."""
+    from opdf_exp.runner.app import run_task
+
+    common = TINY + ["student=subquadratic/gla", "student.attention_layers=auto_kl:1",
+                     "task.stages.splits=0.3|0.2|0.5", "task.stages.attention_transfer.max_steps=6",
+                     "task.stages.end_to_end.max_steps=3", "task.stages.end_to_end.train=lora",
+                     "task.stages.end_to_end.lora.r=4", "task.stages.curve_blocks=2", "task.stages.reuse=true"]
+    runs = {"first": [], "other_rate": ["task.stages.end_to_end.lr=1e-3"], "again": []}
+    results = {}
+    for name, extra in runs.items():
+        with compose_job(common + extra, tmp_path / name, cache_dir=tmp_path / "cache") as cfg:
+            run_task(cfg)
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+    stored = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
+    assert stored == ["attention_transfer", "hidden_alignment"]  # after every stage but the last
+    first, other, again = results["first"], results["other_rate"], results["again"]
+    assert "reused_from" not in first["stages"]["attention_transfer"]
+    for result in (other, again):
+        assert result["stages"]["hidden_alignment"]["reused_from"].split("/")[-1].startswith("hidden_alignment-")
+        for stage in ("attention_transfer", "hidden_alignment"):
+            assert {k: v for k, v in result["stages"][stage].items() if k != "reused_from"} == \
+                first["stages"][stage]
+        assert result["hybrid_picks"] == first["hybrid_picks"] and result["attention_layers"] == first["attention_layers"]
+        assert (tmp_path / ("other_rate" if result is other else "again") / "stage1_curve.md").exists()
+    assert again["metrics"]["student/perplexity"] == first["metrics"]["student/perplexity"]  # exact, not close
+    assert again["recovery_curve"] == first["recovery_curve"]
+    assert other["metrics"]["student/perplexity"] != first["metrics"]["student/perplexity"]
+
+    from opdf_exp.runner.stage_reuse import StageReuse
+    stages = {"attention_transfer": {"lr": 1e-3}, "hidden_alignment": {"lr": 2e-4}, "end_to_end": {"lr": 4e-4}}
+    reuse = StageReuse(tmp_path, {"teacher": "t"}, stages)
+    changed = StageReuse(tmp_path, {"teacher": "t"}, {**stages, "attention_transfer": {"lr": 1e-2}})
+    later = StageReuse(tmp_path, {"teacher": "t"}, {**stages, "end_to_end": {"lr": 1e-3}})
+    assert reuse.key(0) != changed.key(0) and reuse.key(1) != changed.key(1)
+    assert reuse.key(1) == later.key(1) and reuse.key(2) != later.key(2)
+    assert reuse.key(0) != StageReuse(tmp_path, {"teacher": "u"}, stages).key(0)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["student=subquadratic/linear_attention", "student.window=64"],
      "student.window=64 is larger than data.block_size=32"),

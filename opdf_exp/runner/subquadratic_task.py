@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from opdf_exp.errors import ConfigError, OfflineError
+from opdf_exp.runner.stage_reuse import StageReuse
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class _IndexDataset(Dataset):
 
 
 CACHE_MODES = ("memory", "disk", "off")
+STAGE_NAMES = ("attention_transfer", "hidden_alignment", "end_to_end")
 
 
 def stage1_activations(cfg: DictConfig, student, teacher, blocks: torch.Tensor, val_blocks: torch.Tensor,
@@ -444,10 +446,14 @@ def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, bl
 
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
                stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None,
-               decomposition: Stage3Decomposition | None = None, output_dir: Path | None = None) -> dict[str, Any]:
+               decomposition: Stage3Decomposition | None = None, output_dir: Path | None = None,
+               reuse: StageReuse | None = None, shared: dict | None = None, rebuild=None) -> dict[str, Any]:
     """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule). After stage 1
     (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``).
-    ``decomposition`` over-parameterizes the student for stage 3 and contracts it back right after."""
+    ``decomposition`` over-parameterizes the student for stage 3 and contracts it back right after. With
+    ``reuse`` the longest stored prefix of stages starts the job (``rebuild(layers)`` makes a student with other
+    kept-attention layers; ``shared`` is the job state the prefix restores besides the student), and the state
+    after every stage but the last is stored."""
     from opdf_exp.data.lm import parse_splits, split_blocks
     from opdf_exp.runner.trainer import build_trainer
 
@@ -457,9 +463,22 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
     report: dict[str, Any] = {}
     recovery: list[dict] = []
     curve_blocks = int(stages_cfg.get("curve_blocks", 0) or 0)
-    if curve_blocks:  # the converted (and calibrated) student before any training
+    names = list(shares)
+    last = max((i for i, n in enumerate(names) if shares[n] > 0 and slices[n].shape[0] > 0), default=-1)
+    prefix = reuse.find(last) if reuse is not None else None
+    if prefix is not None:
+        student = reuse.restore(prefix, student, rebuild, output_dir)
+        report.update(prefix.report)
+        recovery.extend(prefix.recovery)
+        if shared is not None:
+            shared.update(prefix.shared)
+        for name in names[: prefix.index + 1]:
+            report[name]["reused_from"] = str(reuse.folder(prefix.index))
+    elif curve_blocks:  # the converted (and calibrated) student before any training
         RecoveryCurve("conversion", teacher, held_out[:curve_blocks], 0, 0, recovery).measure(student, 0, 0)
-    for name, share in shares.items():
+    for index, (name, share) in enumerate(shares.items()):
+        if prefix is not None and index <= prefix.index:
+            continue
         if name == "hidden_alignment" and after_stage1 is not None:
             student = after_stage1(student)
         blocks = slices[name]
@@ -519,11 +538,32 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         if curve is not None:  # after the stage (adapters merged, MPO contracted): the deployable student
             curve.measure(student, trainer.global_step, curve._offset)
             report[name].update(perplexity=recovery[-1]["perplexity"], kl_per_token=recovery[-1]["kl"])
+        if reuse is not None and index < last:
+            reuse.save(index, student, report, recovery, shared or {}, output_dir)
     if recovery:
         report["recovery_curve"] = recovery
         write_recovery_curve(recovery, output_dir)
     report["student"] = student
     return report
+
+
+def stage_reuse(cfg: DictConfig, task: dict, teacher, data) -> StageReuse:
+    """``task.stages.reuse=true``: the store of stage prefixes (runner/stage_reuse.py), keyed on everything the
+    student after a stage depends on. Settings that only name folders or change the console are left out."""
+    from opdf_exp.distill.teacher_cache import teacher_fingerprint
+    from opdf_exp.utils.keyed_file import tensor_digest
+
+    stages = task["stages"]
+    trainer = {k: v for k, v in _plain(cfg.trainer).items()
+               if k not in ("default_root_dir", "enable_progress_bar", "enable_model_summary")}
+    base = {"teacher": teacher_fingerprint(teacher), "train_blocks": tensor_digest(data.train),
+            "held_out_blocks": tensor_digest(data.held_out), "seed": _plain(cfg.get("seed")),
+            "student": _plain(cfg.student), "data": _plain(cfg.data), "trainer": trainer,
+            "calibration_blocks": task.get("calibration_blocks"),
+            "fidelity_blocks": (task.get("evaluation") or {}).get("fidelity_blocks"),
+            "stages": {k: v for k, v in stages.items() if k not in STAGE_NAMES + ("reuse",)}}
+    root = Path(str(cfg.paths.get("cache_dir") or cfg.paths.output_dir)).expanduser() / "stages"
+    return StageReuse(root, base, {name: stages.get(name) for name in STAGE_NAMES})
 
 
 def evaluate(model, teacher, tokenizer, held_out: torch.Tensor, eval_cfg: dict, is_teacher: bool) -> dict[str, Any]:
@@ -669,8 +709,11 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     decomposition = None
     if cfg.get("decomposition") is not None and str(cfg.decomposition.kind) != "none":
         decomposition = Stage3Decomposition(cfg, teacher, data.held_out[: int(cfg.data.batch_size)])
+    reuse = stage_reuse(cfg, task, teacher, data) if task["stages"].get("reuse") else None
     stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
-                        int(cfg.data.batch_size), loggers, after_stage1, decomposition, output_dir) \
+                        int(cfg.data.batch_size), loggers, after_stage1, decomposition, output_dir, reuse=reuse,
+                        shared=chosen, rebuild=lambda layers: convert(teacher, arch, init=init,
+                                                                      attention_layers=layers, **options)) \
         if cfg.get("train", True) else {}
     student = stages.pop("student", student)
     recovery = stages.pop("recovery_curve", [])
