@@ -108,14 +108,17 @@ def test_lolcats_student_with_window_cached_stage1_and_lora_stages_through_the_c
 def test_stage_prefix_reuse_is_exact_and_keyed_on_what_the_stages_depend_on(tmp_path):
     """task.stages.reuse: a second job with the same stages 1-2 and another stage-3 rate starts from the stored
     prefix (weights, reports, curve points, output files, generator states), and a third job identical to the
-    first reproduces its every number while skipping stages 1 and 2. A changed stage-1 setting misses."""
+    first reproduces its every number while skipping stages 1 and 2. A fourth leaves stage 2 out
+    (enabled=false, the grid's control): it reuses stage 1 and stage 3 keeps its slice. A changed stage-1
+    setting misses."""
     from opdf_exp.runner.app import run_task
 
     common = TINY + ["student=subquadratic/gla", "student.attention_layers=auto_kl:1",
                      "task.stages.splits=0.3|0.2|0.5", "task.stages.attention_transfer.max_steps=6",
                      "task.stages.end_to_end.max_steps=3", "task.stages.end_to_end.train=lora",
                      "task.stages.end_to_end.lora.r=4", "task.stages.curve_blocks=2", "task.stages.reuse=true"]
-    runs = {"first": [], "other_rate": ["task.stages.end_to_end.lr=1e-3"], "again": []}
+    runs = {"first": [], "other_rate": ["task.stages.end_to_end.lr=1e-3"], "again": [],
+            "no_stage2": ["task.stages.hidden_alignment.enabled=false"]}
     results = {}
     for name, extra in runs.items():
         with compose_job(common + extra, tmp_path / name, cache_dir=tmp_path / "cache") as cfg:
@@ -135,6 +138,12 @@ def test_stage_prefix_reuse_is_exact_and_keyed_on_what_the_stages_depend_on(tmp_
     assert again["metrics"]["student/perplexity"] == first["metrics"]["student/perplexity"]  # exact, not close
     assert again["recovery_curve"] == first["recovery_curve"]
     assert other["metrics"]["student/perplexity"] != first["metrics"]["student/perplexity"]
+    control = results["no_stage2"]  # stage 2 left out: stage 1 comes from the store, stage 3 keeps its slice
+    assert control["stages"]["hidden_alignment"] == {"skipped": "enabled=false",
+                                                     "blocks": first["stages"]["hidden_alignment"]["blocks"]}
+    assert control["stages"]["attention_transfer"]["reused_from"].split("/")[-1].startswith("attention_transfer-")
+    assert control["stages"]["end_to_end"]["blocks"] == first["stages"]["end_to_end"]["blocks"]
+    assert [p["stage"] for p in control["recovery_curve"]] == ["conversion", "attention_transfer", "end_to_end"]
 
     from opdf_exp.runner.stage_reuse import StageReuse
     stages = {"attention_transfer": {"lr": 1e-3}, "hidden_alignment": {"lr": 2e-4}, "end_to_end": {"lr": 4e-4}}

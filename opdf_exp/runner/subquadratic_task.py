@@ -464,7 +464,9 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
     recovery: list[dict] = []
     curve_blocks = int(stages_cfg.get("curve_blocks", 0) or 0)
     names = list(shares)
-    last = max((i for i, n in enumerate(names) if shares[n] > 0 and slices[n].shape[0] > 0), default=-1)
+    enabled = {n: bool((stages_cfg.get(n) or {}).get("enabled", True)) for n in names}
+    last = max((i for i, n in enumerate(names) if shares[n] > 0 and slices[n].shape[0] > 0 and enabled[n]),
+               default=-1)
     prefix = reuse.find(last) if reuse is not None else None
     if prefix is not None:
         student = reuse.restore(prefix, student, rebuild, output_dir)
@@ -485,12 +487,16 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         if share == 0 or blocks.shape[0] == 0:
             report[name] = {"skipped": True, "blocks": 0}
             continue
+        if not enabled[name]:  # a control: the stage is left out, every other stage keeps its slice and budget
+            report[name] = {"skipped": "enabled=false", "blocks": int(blocks.shape[0])}
+            continue
         if name == "attention_transfer" and not student.mixers():
             # the Transformer student has no mixer to transfer into; its slice is left unused so that every
             # student sees the same tokens in stages 2 and 3
             report[name] = {"skipped": "no token-mixer layers", "blocks": int(blocks.shape[0])}
             continue
         stage_cfg = dict(stages_cfg.get(name) or {})
+        stage_cfg.pop("enabled", None)
         stage_cfg_all = {"eval_every": stage_cfg.pop("eval_every", 0)}
         max_steps = stage_cfg.get("max_steps")
         epochs = int(stage_cfg.get("epochs", 1) or 1)
