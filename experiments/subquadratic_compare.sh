@@ -1,26 +1,68 @@
 #!/usr/bin/env bash
-# The subquadratic comparison of issue 16 at the subquadratic_cpu budget: one sweep folder per student, so each
-# student resumes on its own and the best three later get seeds 2 and 3 in the same folder (seed=1 is skipped
-# there: its results.json holds the same overrides). One thread per job; the stage-1 activations (cache=disk) and
-# the stage-3 sampled targets are built once and shared through paths.cache_dir.
-#   bash experiments/subquadratic_compare.sh [student ...]        # default: every student below, seed 1
-#   SEEDS=1,2,3 bash experiments/subquadratic_compare.sh gla gated_deltanet
+# Issue 16's runs at the subquadratic_cpu budget, one sweep folder per named run so each resumes on its own (a
+# finished job is skipped when relaunched: its results.json holds the same overrides). One thread per job; the
+# stage-1 activations (cache=disk) and the stage-3 sampled targets are built once and shared via paths.cache_dir.
+#
+#   bash experiments/subquadratic_compare.sh                      # the comparison: every student, seed 1
+#   bash experiments/subquadratic_compare.sh gla retnet           # some of them
+#   SEEDS=1,2,3 bash experiments/subquadratic_compare.sh gla      # more seeds in the same folder (seed 1 skipped)
+#   bash experiments/subquadratic_compare.sh grid                 # the technique grid (GLA, Gated DeltaNet)
+#   bash experiments/subquadratic_compare.sh hybrids              # K = 4 hybrids: fidelity vs KL-increase choice
+#   DRY=1 bash experiments/subquadratic_compare.sh grid           # print the commands only
 #   python experiments/subquadratic_table.py experiments/runs/subquadratic_compare_v2/*
+#
+# Names: a mixer (gla gated_deltanet retnet deltanet mlstm mamba2 metala linear_attention), transformer,
+# lolcats_window64; grid_<gla|gated_deltanet>_<random_init|no_stage1|no_stage2|matrix|rope_on|rope_off>;
+# hybrid_gla_<auto4|auto_kl4>.
 set -euo pipefail
 SEEDS=${SEEDS:-1}
-ROOT=experiments/runs/subquadratic_compare_v2
-students=("$@")
-if [ ${#students[@]} -eq 0 ]; then
-  students=(gated_deltanet retnet lolcats_window64 transformer deltanet mlstm mamba2 metala linear_attention gla)
-fi
-for name in "${students[@]}"; do
+MIXERS=(gated_deltanet retnet lolcats_window64 transformer deltanet mlstm mamba2 metala linear_attention gla)
+GRID=()
+for mixer in gla gated_deltanet; do
+  for variant in random_init no_stage1 no_stage2 matrix rope_on; do GRID+=("grid_${mixer}_${variant}"); done
+done
+HYBRIDS=(hybrid_gla_auto4 hybrid_gla_auto_kl4)
+
+names=()
+for arg in "${@:-comparison}"; do
+  case $arg in
+    comparison) names+=("${MIXERS[@]}") ;;
+    grid) names+=("${GRID[@]}") ;;
+    hybrids) names+=("${HYBRIDS[@]}") ;;
+    *) names+=("$arg") ;;
+  esac
+done
+
+for name in "${names[@]}"; do
+  root=experiments/runs/subquadratic_compare_v2
+  stage1=(task.stages.attention_transfer.cache=disk)
   case $name in
     transformer) spec=(student=transformer) ;;
-    lolcats_window64) spec=(student=subquadratic/linear_attention student.window=64 task.stages.attention_transfer.cache=disk) ;;
-    *) spec=(student=subquadratic/$name task.stages.attention_transfer.cache=disk) ;;
+    lolcats_window64) spec=(student=subquadratic/linear_attention student.window=64 "${stage1[@]}") ;;
+    grid_*)
+      root=experiments/runs/subquadratic_grid
+      rest=${name#grid_}
+      case $rest in gla_*) mixer=gla ;; gated_deltanet_*) mixer=gated_deltanet ;;
+        *) echo "unknown grid mixer in $name" >&2; exit 2 ;; esac
+      variant=${rest#"${mixer}"_}
+      spec=(student=subquadratic/$mixer "${stage1[@]}")
+      case $variant in
+        random_init) spec+=(student.init=random) ;;
+        no_stage1) spec+=(task.stages.attention_transfer.enabled=false) ;;
+        no_stage2) spec+=(task.stages.hidden_alignment.enabled=false) ;;
+        matrix) spec+=(task.stages.attention_transfer.target=matrix) ;;
+        rope_on) spec+=(student.rope=true) ;;
+        rope_off) spec+=(student.rope=false) ;;
+        *) echo "unknown grid variant: $variant" >&2; exit 2 ;;
+      esac ;;
+    hybrid_gla_auto4) root=experiments/runs/subquadratic_hybrids
+      spec=(student=subquadratic/gla student.attention_layers=auto:4 "${stage1[@]}") ;;
+    hybrid_gla_auto_kl4) root=experiments/runs/subquadratic_hybrids
+      spec=(student=subquadratic/gla student.attention_layers=auto_kl:4 "${stage1[@]}") ;;
+    *) spec=(student=subquadratic/$name "${stage1[@]}") ;;
   esac
   echo "== $name (seeds $SEEDS) $(date -u +%FT%TZ)"
-  /usr/bin/time -f "$name: %e s wall, %M KiB max RSS" \
-    python -m opdf_exp -m +experiment=subquadratic_cpu "${spec[@]}" task.num_threads=1 seed=$SEEDS \
-      hydra.sweep.dir=$ROOT/$name
+  ${DRY:+echo} /usr/bin/time -f "$name: %e s wall, %M KiB max RSS" \
+    python -m opdf_exp -m +experiment=subquadratic_cpu "${spec[@]}" task.num_threads=1 seed="$SEEDS" \
+      hydra.sweep.dir="$root/$name"
 done

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 19's study: the stage-3 objective of the subquadratic_cpu recipe (GLA student, packaged SmolLM2-135M
+# teacher) at the same budget (100 stage-3 steps of 4 x 128 tokens, LoRA + mixers), 3 seeds, paired by seed.
+# Stage 3 runs the teacher every step (teacher_cache=null: the sampled-logit cache estimates forward KL only, so
+# every arm pays the same teacher forward). Stages 1 and 2 do not depend on the objective: with
+# task.stages.reuse=true the first arm of each seed stores them and the other arms start from that student
+# (exactly: runner/stage_reuse.py), so a seed costs one prefix and four stage 3s. One thread per job.
+#   bash experiments/lm_objectives.sh
+#   python -m opdf_exp.report experiments/runs/lm_objectives/*
+set -euo pipefail
+ROOT=experiments/runs/lm_objectives
+COMMON=(+experiment=subquadratic_cpu student=subquadratic/gla task.stages.attention_transfer.cache=disk
+        task.stages.end_to_end.teacher_cache=null task.stages.reuse=true task.num_threads=1)
+run() {  # name, overrides...
+  local name=$1; shift
+  echo "== $name $(date -u +%FT%TZ)"
+  ${DRY:+echo} /usr/bin/time -f "$name: %e s wall, %M KiB max RSS" \
+    python -m opdf_exp -m "${COMMON[@]}" "$@" hydra.sweep.dir="$ROOT/$name"
+}
+# seed varies slowest: each seed's first arm stores stages 1-2, the next arms reuse them
+run offline seed=1,2,3 task.stages.end_to_end.divergence=forward_kl,reverse_kl,jsd task.stages.end_to_end.beta=0.5
+run on_policy seed=1,2,3 task.stages.end_to_end.on_policy=0.5
