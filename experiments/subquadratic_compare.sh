@@ -12,7 +12,8 @@
 #   python experiments/subquadratic_table.py experiments/runs/subquadratic_compare_v2/*
 #
 # Names: a mixer (gla gated_deltanet retnet deltanet mlstm mamba2 metala linear_attention), transformer,
-# lolcats_window64; grid_<gla|gated_deltanet>_<random_init|no_stage1|no_stage2|matrix|rope_on|rope_off>;
+# lolcats_window64; grid_<mixer>_<random_init|no_stage1|no_stage2|matrix|rope_on|rope_off> (the grid: GLA and
+# Gated DeltaNet, plus RoPE on RetNet);
 # hybrid_gla_<auto4|auto_kl4>.
 set -euo pipefail
 SEEDS=${SEEDS:-1}
@@ -21,6 +22,7 @@ GRID=()
 for mixer in gla gated_deltanet; do
   for variant in random_init no_stage1 no_stage2 matrix rope_on; do GRID+=("grid_${mixer}_${variant}"); done
 done
+GRID+=(grid_retnet_rope_on)
 HYBRIDS=(hybrid_gla_auto4 hybrid_gla_auto_kl4)
 
 names=()
@@ -42,8 +44,11 @@ for name in "${names[@]}"; do
     grid_*)
       root=experiments/runs/subquadratic_grid
       rest=${name#grid_}
-      case $rest in gla_*) mixer=gla ;; gated_deltanet_*) mixer=gated_deltanet ;;
-        *) echo "unknown grid mixer in $name" >&2; exit 2 ;; esac
+      mixer=
+      for candidate in gated_deltanet deltanet gla retnet mlstm mamba2 metala linear_attention; do
+        case $rest in "${candidate}"_*) mixer=$candidate; break ;; esac
+      done
+      [ -n "$mixer" ] || { echo "unknown grid mixer in $name" >&2; exit 2; }
       variant=${rest#"${mixer}"_}
       spec=(student=subquadratic/$mixer "${stage1[@]}")
       case $variant in
