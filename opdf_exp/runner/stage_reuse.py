@@ -74,6 +74,7 @@ class StagePrefix:
     report: dict[str, Any]     # the covered stages' reports
     recovery: list[dict]
     shared: dict[str, Any]     # e.g. the hybrid chooser's picks
+    rng: dict[str, Any]        # generator states at the end of the stage (rng_state)
     files: Path                # the output files written up to that stage
 
 
@@ -106,7 +107,7 @@ class StageReuse:
                 log.info("stages %s reused from %s", ", ".join(self.stage_names[: index + 1]), folder)
                 return StagePrefix(index, self.stage_names[index], load_file(str(folder / "student.safetensors")),
                                    meta["attention_layers"], meta["report"], meta["recovery"], meta["shared"],
-                                   folder / "files")
+                                   meta["rng"], folder / "files")
         log.info("no stored stage prefix matches this job in %s; stages run and are stored", self.root)
         return None
 
@@ -150,6 +151,5 @@ class StageReuse:
             output_dir.mkdir(parents=True, exist_ok=True)
             for path in prefix.files.iterdir():
                 shutil.copy2(path, output_dir / path.name)
-        meta = json.loads((prefix.files.parent / "meta.json").read_text())
-        set_rng_state(meta["rng"])
+        set_rng_state(prefix.rng)
         return student
