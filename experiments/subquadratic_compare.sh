@@ -11,13 +11,14 @@
 #   DRY=1 bash experiments/subquadratic_compare.sh grid           # print the commands only
 #   python experiments/subquadratic_table.py experiments/runs/subquadratic_compare_v2/*
 #
-# Names: a mixer (gla gated_deltanet retnet deltanet mlstm mamba2 metala linear_attention), transformer,
-# lolcats_window64; grid_<mixer>_<random_init|no_stage1|no_stage2|matrix|rope_on|rope_off> (the grid: GLA and
+# Names: a mixer (gla gated_deltanet retnet deltanet mlstm mamba2 metala linear_attention), transformer (its
+# attention re-initialised), teacher_control (the teacher itself through the same stages), lolcats_window64; grid_<mixer>_<random_init|no_stage1|no_stage2|matrix|rope_on|rope_off> (the grid: GLA and
 # Gated DeltaNet, plus RoPE on RetNet);
 # hybrid_gla_<auto4|auto_kl4>.
 set -euo pipefail
 SEEDS=${SEEDS:-1}
-MIXERS=(gated_deltanet retnet lolcats_window64 transformer deltanet mlstm mamba2 metala linear_attention gla)
+MIXERS=(gated_deltanet teacher_control retnet lolcats_window64 transformer deltanet mlstm mamba2 metala
+        linear_attention gla)
 GRID=()
 for mixer in gla gated_deltanet; do
   for variant in random_init no_stage1 no_stage2 matrix rope_on; do GRID+=("grid_${mixer}_${variant}"); done
@@ -40,6 +41,9 @@ for name in "${names[@]}"; do
   stage1=(task.stages.attention_transfer.cache=disk)
   case $name in
     transformer) spec=(student=transformer) ;;
+    # the teacher itself through the same stages (stage 3 trains it on the same BBC tokens with CE + KL): the
+    # perplexity any student could reach by adapting to the corpus, against which "student / teacher" is read
+    teacher_control) spec=(student=transformer student.init=qkv_copy) ;;
     lolcats_window64) spec=(student=subquadratic/linear_attention student.window=64 "${stage1[@]}") ;;
     grid_*)
       root=experiments/runs/subquadratic_grid
