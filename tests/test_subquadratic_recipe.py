@@ -56,6 +56,9 @@ def test_train_mode_bad_input_is_one_line(teacher):
         set_train_mode(student, "some")
     with pytest.raises(ConfigError, match="this student has none"):
         set_train_mode(convert(teacher, "transformer"), "mixers")
+    the_teacher = convert(teacher, "transformer", init="qkv_copy")  # the teacher control: LoRA, no mixers
+    counts = set_train_mode(the_teacher, "lora", {"r": 2})
+    assert counts["trainable"] == counts["adapter"] > 0
 
 
 TINY = ["task=subquadratic", "teacher=tiny_llama", "data=lm_bbc", "callbacks=none", "trainer=cpu",

@@ -447,13 +447,15 @@ def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, bl
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
                stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None,
                decomposition: Stage3Decomposition | None = None, output_dir: Path | None = None,
-               reuse: StageReuse | None = None, shared: dict | None = None, rebuild=None) -> dict[str, Any]:
+               reuse: StageReuse | None = None, shared: dict | None = None, rebuild=None,
+               fresh_attention: bool = False) -> dict[str, Any]:
     """Each stage with a non-zero share fits on its own slice (its own optimizer and schedule). After stage 1
     (run or skipped) ``after_stage1(student) -> student`` may rebuild the student (``attention_layers=auto:K``).
     ``decomposition`` over-parameterizes the student for stage 3 and contracts it back right after. With
     ``reuse`` the longest stored prefix of stages starts the job (``rebuild(layers)`` makes a student with other
     kept-attention layers; ``shared`` is the job state the prefix restores besides the student), and the state
-    after every stage but the last is stored."""
+    after every stage but the last is stored. ``fresh_attention``: the student's softmax attention was
+    re-initialised (the Transformer baseline), so its later stages train everything."""
     from opdf_exp.data.lm import parse_splits, split_blocks
     from opdf_exp.runner.trainer import build_trainer
 
@@ -505,9 +507,12 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
         loader, stage_val, cached, epochs = stage_data(cfg, name, stage_cfg, student, teacher, blocks, val,
                                                        batch_size, epochs, extra)
         train_mode, lora = str(stage_cfg.pop("train", "all")), stage_cfg.pop("lora", None)
-        if train_mode != "all" and not student.mixers():  # the Transformer baseline: its attention is freshly
-            log.warning("%s: the student has no token mixers; train=%s falls back to train=all", name, train_mode)
-            train_mode = "all"                            # initialised, so nothing may stay frozen
+        if not student.mixers() and (train_mode == "mixers" or train_mode == "lora" and fresh_attention):
+            # the Transformer student: no mixer to train alone; with its attention freshly initialised (the
+            # baseline) nothing may stay frozen either. The teacher itself (init=qkv_copy) keeps its LoRA.
+            log.warning("%s: the student has no token mixers%s; train=%s falls back to train=all", name,
+                        " and fresh attention" if fresh_attention else "", train_mode)
+            train_mode = "all"
         trained = {}
         if name != "attention_transfer":  # stage 1 trains the mixers by construction
             from opdf_exp.subquadratic.adapters import set_train_mode
@@ -609,7 +614,7 @@ def check_train_modes(student, stages_cfg: dict) -> None:
         mode = str(stage.get("train", "all"))
         if mode not in TRAIN_MODES:
             raise ConfigError(f"task.stages.{name}.train={mode!r} is unknown; use one of {list(TRAIN_MODES)}")
-        if mode == "lora" and student.mixers():  # without mixers the stage trains everything (run_stages)
+        if mode == "lora":
             check_lora_targets(student, list((stage.get("lora") or {}).get("target_modules", DEFAULT_TARGETS)))
     stage3 = stages_cfg.get("end_to_end") or {}
     cache = stage3.get("teacher_cache")
@@ -719,7 +724,8 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
     stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
                         int(cfg.data.batch_size), loggers, after_stage1, decomposition, output_dir, reuse=reuse,
                         shared=chosen, rebuild=lambda layers: convert(teacher, arch, init=init,
-                                                                      attention_layers=layers, **options)) \
+                                                                      attention_layers=layers, **options),
+                        fresh_attention=init == "random") \
         if cfg.get("train", True) else {}
     student = stages.pop("student", student)
     recovery = stages.pop("recovery_curve", [])

@@ -44,9 +44,9 @@ def set_train_mode(student: nn.Module, mode: str, lora: dict | None = None) -> d
     if mode not in TRAIN_MODES:
         raise ConfigError(f"train={mode!r} is unknown; use one of {list(TRAIN_MODES)}")
     mixers = student.mixers() if hasattr(student, "mixers") else {}
-    if mode != "all" and not mixers:
-        raise ConfigError(f"train={mode} trains the token mixers, and this student has none (the Transformer "
-                          "student); use train=all")
+    if mode == "mixers" and not mixers:
+        raise ConfigError("train=mixers trains the token mixers, and this student has none (the Transformer "
+                          "student); use train=all or train=lora")
     counts = {}
     if mode == "all":
         student.requires_grad_(True)
