@@ -265,3 +265,56 @@ def test_parameter_groups_by_role():
     assert by_name["no_decay"]["weight_decay"] == 0.0
     with pytest.raises(ConfigError, match="lr_scale=0 must be > 0"):
         adamw([model], 1e-3, mpo_lr_scale=0)
+
+
+def test_align_weight_auto_sets_the_measured_gradient_ratio_in_a_real_fit(tmp_path):
+    """decomposition.align.weight=auto:<ratio>: at the fit's start λ is set so that the alignment gradient is
+    <ratio> x the rest of the gradient on the MPO tensors. The oracle is the run's own first logged
+    train/align_grad_ratio (the same batch and state as the measurement, no dropout): it equals <ratio>.
+    Refused in one line when the alignment gradient is 0 (targets equal the start) or the weight is malformed."""
+    import pytorch_lightning as pl
+
+    from opdf_exp.distill.loss import DistillationLoss
+    from opdf_exp.distill.terms import LogitKL, TaskLoss, TensorAlignment
+    from opdf_exp.lit.module import DistillationModule
+    from opdf_exp.runner.checks import align_weight
+
+    teacher = bert(4).train()
+    student = student_from(teacher, [0, 1]).train()
+    for module in student.modules():  # no dropout: the first step then sees exactly what the measurement saw
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    overparameterize(student, factors=FACTORS)
+    ids = torch.randint(1, 100, (16, 12))
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": torch.tensor(i % 2)}
+            for i in range(16)]
+
+    def fit(alignment, ratio):
+        loss = DistillationLoss({"task": TaskLoss(), "kd": LogitKL(temperature=2.0), "align": TensorAlignment(alignment)},
+                                {"task": 1.0, "kd": 1.0, "align": align_weight(f"auto:{ratio}")[0]})
+        module = DistillationModule(student, loss, teacher, lr=1e-3, align_weight_ratio=ratio)
+        csv = pl.loggers.CSVLogger(tmp_path)
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=csv, log_every_n_steps=1, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+        return module, next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
+
+    public = TensorAlignmentLoss(student, teacher, layer_map="public", reduction="relative")
+    module, lines = fit(public, 0.25)
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    weight = next(float(r["opdf/align_weight"]) for r in rows if r.get("opdf/align_weight"))
+    first_ratio = next(float(r["train/align_grad_ratio"]) for r in rows if r.get("train/align_grad_ratio"))
+    assert weight > 0 and module.loss.weights["align"] == pytest.approx(weight)
+    assert first_ratio == pytest.approx(0.25, rel=1e-3)
+    assert float(module.align_weight_measured) == pytest.approx(weight)  # kept in the checkpoint's state
+
+    at_start = student_from(teacher, [1, 3])
+    overparameterize(at_start, factors=FACTORS)
+    student = at_start
+    with pytest.raises(ConfigError, match=r"alignment gradient is 0 at the start \(every target .*layer_map=public"):
+        fit(TensorAlignmentLoss(at_start, teacher), 0.1)
+    for bad in ("auto:", "auto:0", "auto:x", -1, "strong", True):
+        with pytest.raises(ConfigError, match=r"must be a number >= 0 or auto:<ratio> with ratio > 0"):
+            align_weight(bad)
+    assert align_weight(0.5) == (0.5, None) and align_weight("auto:0.1") == (1.0, 0.1)

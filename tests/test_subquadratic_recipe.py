@@ -167,6 +167,8 @@ def test_stage_prefix_reuse_is_exact_and_keyed_on_what_the_stages_depend_on(tmp_
     (["student=subquadratic/gla", "task.stages.end_to_end.teacher_cache={kind: sampled}",
       "task.stages.end_to_end.divergence=reverse_kl"], "estimates forward KL on whole student logits only, not with "
                                                        "divergence=reverse_kl"),
+    (["student=subquadratic/gla", "decomposition=mpo", "decomposition.align.weight=auto:0.1"],
+     r"align.weight=auto:<ratio> is measured by the distillation task only"),
 ])
 def test_recipe_bad_input_fails_before_training(tmp_path, extra, message):
     from opdf_exp.runner.app import run_task

@@ -93,7 +93,7 @@ class DistillationModule(pl.LightningModule):
                  warmup_ratio: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), scheduler: str = "linear",
                  log_prefix: str = "", compile: bool = False, teacher_cache=None,
                  train_model: nn.Module | None = None, mpo_lr_scale: float | str = 1.0,
-                 mpo_weight_decay: float = 0.0):
+                 mpo_weight_decay: float = 0.0, align_weight_ratio: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "loss", "teacher_cache", "train_model"])
         self.teacher_cache = teacher_cache  # TeacherOutputCache: training reads the teacher's outputs from disk
@@ -107,6 +107,12 @@ class DistillationModule(pl.LightningModule):
         elif loss.needs_teacher:
             raise ConfigError(f"loss terms {list(loss.active)} need a teacher but none was given")
         self.prefix = log_prefix
+        if align_weight_ratio is not None:
+            if "align" not in loss.terms:
+                raise ConfigError("decomposition.align.weight=auto:<ratio> needs the alignment term; this student "
+                                  "has no MPO layers to align (decomposition.kind=none)")
+            # the measured λ lives in the checkpoint, so a resumed fit trains with the λ of its start
+            self.register_buffer("align_weight_measured", torch.tensor(float("nan"), dtype=torch.float64))
         metric_names = list(metrics or (["pearson", "spearman"] if problem_type == "regression" else ["acc", "f1"]))
         self.val_metrics = build_metrics(problem_type, num_labels, metric_names).clone(prefix=f"{log_prefix}val/")
         self.test_metrics = build_metrics(problem_type, num_labels, metric_names).clone(prefix=f"{log_prefix}test/")
@@ -253,6 +259,14 @@ class DistillationModule(pl.LightningModule):
             extra["opdf/step_amplification"] = amplification
             log.info("%sMPO step amplification %.3f: the MPO tensors train at lr x %.4f", self.prefix, amplification,
                      1.0 / amplification)
+        ratio = self.hparams.get("align_weight_ratio")
+        if ratio is not None:
+            if torch.isnan(self.align_weight_measured):
+                self.align_weight_measured.fill_(self._measure_align_weight(float(ratio)))
+            self.loss.weights["align"] = float(self.align_weight_measured)
+            extra["opdf/align_weight"] = self.loss.weights["align"]
+            log.info("%salignment weight %.4g: its gradient starts at %g x the rest of the gradient on the MPO "
+                     "tensors", self.prefix, self.loss.weights["align"], ratio)
         metrics = {f"{self.prefix}{k}": v for k, v in extra.items()}
         for optimizer in self.trainer.optimizers:
             metrics.update({f"{self.prefix}{k}": v for k, v in describe_groups(optimizer).items()})
@@ -276,6 +290,39 @@ class DistillationModule(pl.LightningModule):
 
         value = torch.tensor(step_amplification(self.student, task_loss), device=self.device, dtype=torch.float64)
         return float(self.trainer.strategy.reduce(value, reduce_op="mean"))  # one rate for every rank
+
+    def _measure_align_weight(self, ratio: float) -> float:
+        """λ such that, on the job's first batch, ||λ grad(alignment)|| = ratio x ||grad(the other terms)|| over
+        the MPO tensors. Gradients are taken with autograd.grad (no .grad is touched) under a forked RNG."""
+        from opdf_exp.mpo.layers import MPO_LAYER_TYPES
+
+        tensors = [t for m in self.student.modules() if isinstance(m, MPO_LAYER_TYPES) for t in m.tensors
+                   if t.requires_grad]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            batch = next(iter(self.trainer.train_dataloader))
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            weights = dict(self.loss.weights)
+            self.loss.weights["align"] = 0.0
+            try:
+                self._start_training_forward(batch["labels"].shape[0])
+                rest, _ = self.loss(self._context(batch))
+            finally:
+                self.loss.weights.update(weights)
+            rest_grads = torch.autograd.grad(rest, tensors, allow_unused=True)
+            align_grads = torch.autograd.grad(self.loss.terms["align"].alignment(), tensors, allow_unused=True)
+
+        def norm(grads):
+            return sum(float(g.float().square().sum()) for g in grads if g is not None) ** 0.5
+
+        rest_norm, align_norm = norm(rest_grads), norm(align_grads)
+        values = torch.tensor([rest_norm, align_norm], device=self.device, dtype=torch.float64)
+        rest_norm, align_norm = (float(v) for v in self.trainer.strategy.reduce(values, reduce_op="mean"))
+        if align_norm <= 0:
+            raise ConfigError("decomposition.align.weight=auto: the alignment gradient is 0 at the start (every "
+                              "target equals the student's starting tensor); use align.layer_map=public or "
+                              "preceding, or a fixed weight")
+        return ratio * rest_norm / align_norm
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Every ``log_every_n_steps``: ``train/align_grad_ratio``, the norm of the tensor-alignment gradient over

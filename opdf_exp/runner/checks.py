@@ -103,9 +103,7 @@ def check_decomposition_values(options: dict) -> None:
         raise ConfigError(f"decomposition: {error}") from None
     check_mpo_optim_values(options)
     align = options.get("align") or {}
-    weight = align.get("weight", 0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise ConfigError(f"decomposition.align.weight={weight!r} must be a number >= 0")
+    align_weight(align.get("weight", 0))
     reduction = align.get("reduction", "mean")
     if reduction not in REDUCTIONS:
         raise ConfigError(f"decomposition.align.reduction={reduction!r} is unknown; use one of {', '.join(REDUCTIONS)}")
@@ -113,6 +111,24 @@ def check_decomposition_values(options: dict) -> None:
     if isinstance(layer_map, str) and layer_map not in ALIGN_MAPS:
         raise ConfigError(f"decomposition.align.layer_map={layer_map!r} is unknown; use one of "
                           f"{', '.join(ALIGN_MAPS)}, a dict {{student_block: teacher_block}} or a list")
+
+
+def align_weight(value) -> tuple[float, float | None]:
+    """``decomposition.align.weight``: a number λ >= 0 -> (λ, None); ``auto:<ratio>`` -> (1.0, ratio): λ is set at
+    the fit's start so that the alignment gradient is ``ratio`` times the rest of the gradient on the MPO tensors
+    (``lit/module.py``), because a fixed λ's strength depends on the tensors' sizes and norms (MRPC, relative
+    reduction: λ = 0.1 gave a gradient ratio of 1e-4)."""
+    if isinstance(value, str) and value.startswith("auto:"):
+        try:
+            ratio = float(value[len("auto:"):])
+        except ValueError:
+            ratio = -1.0
+        if ratio > 0:
+            return 1.0, ratio
+    elif not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0:
+        return float(value), None
+    raise ConfigError(f"decomposition.align.weight={value!r} must be a number >= 0 or auto:<ratio> with ratio > 0 "
+                      "(e.g. auto:0.1: the alignment gradient starts at 10% of the task gradient)")
 
 
 WINDOW_FAMILIES = ("linear_attention",)
@@ -337,7 +353,8 @@ def check_model_shapes(cfg: DictConfig, variant_cfgs: Iterable[tuple[str, DictCo
                                           layout=options.get("layout", "balanced"))
                 align = options.get("align") or {}
                 layer_map = align.get("layer_map")
-                if float(align.get("weight", 0) or 0) > 0 and layer_map not in (None, "uniform", "from_student"):
+                if align_weight(align.get("weight", 0) or 0)[0] > 0 and layer_map not in (None, "uniform",
+                                                                                          "from_student"):
                     from opdf_exp.mpo import TensorAlignmentLoss
 
                     try:  # the map's blocks against both depths (the same check the loss makes after the fine-tune)

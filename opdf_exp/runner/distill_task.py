@@ -43,7 +43,7 @@ from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import job_overrides
-from opdf_exp.runner.checks import check_job_config, check_lr_scale_has_effect, check_model_shapes
+from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
@@ -129,8 +129,10 @@ def _mpo_optim_kwargs(decomposition: DictConfig) -> dict[str, Any]:
     if decomposition.kind == "none":
         return {}
     scale = decomposition.get("lr_scale", 1)
+    align = decomposition.get("align") or {}
     return {"mpo_lr_scale": "auto" if str(scale) == "auto" else float(scale),
-            "mpo_weight_decay": float(decomposition.get("weight_decay", 0.0))}
+            "mpo_weight_decay": float(decomposition.get("weight_decay", 0.0)),
+            "align_weight_ratio": align_weight(align.get("weight", 0))[1]}
 
 
 # ----------------------------------------------------------------------------------------------- teacher
@@ -324,9 +326,9 @@ def build_loss(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Modu
         if weights[name] > 0:
             check_problem_type(problem_type, terms[name].classification_only, term=f"distill.terms.{name}")
     align = cfg.decomposition.get("align")
-    if cfg.decomposition.kind != "none" and align and float(align.weight) > 0:
+    if cfg.decomposition.kind != "none" and align and align_weight(align.weight)[0] > 0:
         terms["align"] = TensorAlignment(_tensor_alignment(cfg, student, teacher))
-        weights["align"] = float(align.weight)
+        weights["align"] = align_weight(align.weight)[0]  # auto:<ratio>: 1.0 until the module measures it
     loss = DistillationLoss(terms, weights)
     for name, term in loss.terms.items():
         if weights[name] > 0:

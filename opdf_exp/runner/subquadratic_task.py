@@ -283,6 +283,13 @@ class Stage3Decomposition:
         self.kind = str(cfg.decomposition.kind)
         self.report: dict[str, Any] = {"kind": self.kind}
         self._logits: torch.Tensor | None = None
+        # measured settings are the distillation task's; refused here before stage 1 rather than at stage 3
+        if str(cfg.decomposition.get("lr_scale", 1)) == "auto":
+            raise ConfigError("decomposition.lr_scale=auto is measured by the distillation task only; give the "
+                              "subquadratic task a number (e.g. the amplification a distill job logged)")
+        if str((cfg.decomposition.get("align") or {}).get("weight", 0)).startswith("auto:"):
+            raise ConfigError("decomposition.align.weight=auto:<ratio> is measured by the distillation task only; "
+                              "give the subquadratic task a number (e.g. the opdf/align_weight a distill job logged)")
 
     def apply(self, student) -> dict[str, Any]:
         """Decompose ``student`` in place; returns the extra ``EndToEndKDModule`` options (alignment term)."""
@@ -301,9 +308,6 @@ class Stage3Decomposition:
         log.info("stage 3: decomposition %s over %d matrices; params %d dense -> %d during training", self.kind,
                  len(layers), dense_params, self.report["params_train_time"])
         scale = self.cfg.decomposition.get("lr_scale", 1)
-        if str(scale) == "auto":
-            raise ConfigError("decomposition.lr_scale=auto is measured by the distillation task only; give the "
-                              "subquadratic task a number (e.g. the amplification a distill job logged)")
         options = {"mpo_lr_scale": float(scale), "mpo_weight_decay": float(self.cfg.decomposition.get("weight_decay", 0))}
         align = self.cfg.decomposition.get("align")
         if not align or float(align.weight) <= 0:
