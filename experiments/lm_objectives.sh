@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Issue 19's study: the stage-3 objective of the subquadratic_cpu recipe (GLA student, packaged SmolLM2-135M
-# teacher) at the same budget (100 stage-3 steps of 4 x 128 tokens, LoRA + mixers), 3 seeds, paired by seed.
+# Issue 19's study: the stage-3 objective of the subquadratic_cpu recipe (the best student of the comparison so
+# far, Gated DeltaNet: STUDENT=gla etc. to change it; packaged SmolLM2-135M teacher) at the same budget (100 stage-3 steps of 4 x 128 tokens, LoRA + mixers), 3 seeds, paired by seed.
 # Stage 3 runs the teacher every step (teacher_cache=null: the sampled-logit cache estimates forward KL only, so
 # every arm pays the same teacher forward). Stages 1 and 2 do not depend on the objective: with
 # task.stages.reuse=true the first arm of each seed stores them and the other arms start from that student
 # (exactly: runner/stage_reuse.py), so a seed costs one prefix and four stage 3s. One thread per job.
 #   bash experiments/lm_objectives.sh
-#   python -m opdf_exp.report experiments/runs/lm_objectives/*
+#   python -m opdf_exp.report experiments/runs/lm_objectives/gated_deltanet/*
 set -euo pipefail
-ROOT=experiments/runs/lm_objectives
-COMMON=(+experiment=subquadratic_cpu student=subquadratic/gla task.stages.attention_transfer.cache=disk
+STUDENT=${STUDENT:-gated_deltanet}
+ROOT=experiments/runs/lm_objectives/$STUDENT
+COMMON=(+experiment=subquadratic_cpu student=subquadratic/$STUDENT task.stages.attention_transfer.cache=disk
         task.stages.end_to_end.teacher_cache=null task.stages.reuse=true task.num_threads=1)
 run() {  # name, overrides...
   local name=$1; shift
