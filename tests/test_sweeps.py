@@ -164,3 +164,33 @@ def test_bad_sweeps_fail_before_any_job(tmp_path, args, expected):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], lines
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(".hydra"))
+
+
+def test_a_finished_job_is_rerun_when_its_config_changed_and_kept_when_told(tmp_path, caplog):
+    """The same overrides with an edited config (a YAML value, not an override) do not reuse the finished
+    result under resume=auto: the job reruns and the log names the entry that differs. resume=overrides keeps
+    it, saying so; an unchanged relaunch is skipped."""
+    from omegaconf import open_dict
+
+    from opdf_exp.runner.app import run_task
+    from tests.helpers.hydra import compose_job
+
+    overrides = ["+experiment=geometric_toy_smoke", "task.train.steps=20", "task.eval.samples=1024", "logger=none"]
+    with compose_job(overrides, tmp_path) as cfg:
+        first = run_task(cfg)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert "task" in stored["config_digests"] and "paths" not in stored["config_digests"]
+    with compose_job(overrides, tmp_path) as cfg:
+        assert run_task(cfg)["skipped"] is True
+    with compose_job(overrides, tmp_path) as cfg, caplog.at_level("WARNING"), open_dict(cfg):
+        cfg.task.train.lr = float(cfg.task.train.lr) * 2  # an edited experiment file: the overrides are the same
+        cfg.resume = "overrides"
+        assert run_task(cfg)["skipped"] is True
+        assert any("kept" in r.getMessage() and "task differ" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        cfg.resume = "auto"
+        rerun = run_task(cfg)
+    assert "skipped" not in rerun and rerun["metrics"] != first["metrics"]
+    assert any("rerun:" in r.getMessage() and "(task differ)" in r.getMessage() for r in caplog.records)
+    with compose_job(overrides + ["+resume=sometimes"], tmp_path) as cfg, pytest.raises(Exception, match="resume=overrides"):
+        run_task(cfg)

@@ -31,6 +31,7 @@ log = logging.getLogger("opdf_exp")
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.txt"
 CONFIG_TREE_FILE = "config_tree.txt"
+RESUME_MODES = ("auto", "overrides", "never")
 TREE_ORDER = ("task", "data", "teacher", "student", "decomposition", "distill", "optim", "trainer", "callbacks",
               "logger", "paths")
 
@@ -71,9 +72,40 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def completed_result(output_dir: Path, overrides: list[str]) -> dict | None:
+# Config entries that name folders, loggers or console output: a result does not depend on them.
+VOLATILE_KEYS = ("hydra", "paths", "logger", "print_config", "resume", "tags")
+VOLATILE_TRAINER_KEYS = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+def config_digests(cfg: DictConfig) -> dict[str, str]:
+    """A short hash of each top-level entry of the resolved job config that its result depends on. Stored in
+    ``results.json``: a relaunch with the same overrides but an edited experiment file (another rate in a YAML,
+    a new variant) is then told apart from the job that made the result, and each differing entry is named."""
+    import hashlib
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    digests = {}
+    for key in cfg:
+        if key in VOLATILE_KEYS:
+            continue
+        node = cfg._get_node(key)
+        try:
+            value = OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        except OmegaConfBaseException:  # an interpolation only a running Hydra job resolves: its text is its identity
+            value = str(node)
+        if key == "trainer" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in VOLATILE_TRAINER_KEYS}
+        digests[str(key)] = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return digests
+
+
+def completed_result(output_dir: Path, overrides: list[str], digests: dict[str, str] | None = None,
+                     resume: str = "auto") -> dict | None:
     """The stored result of this job when its folder holds a complete ``results.json`` for the same overrides
-    (a relaunched sweep reuses ``hydra.sweep.dir``); ``None`` otherwise."""
+    (a relaunched sweep reuses ``hydra.sweep.dir``) and, with ``resume=auto``, the same config (``digests``);
+    ``None`` otherwise. ``resume=overrides`` keeps a result whose config differs (saying which entries do).
+    Results written before digests were stored are kept."""
     path = output_dir / RESULTS_FILE
     if not path.is_file():
         return None
@@ -83,7 +115,19 @@ def completed_result(output_dir: Path, overrides: list[str]) -> dict | None:
         return None
     if payload.get("status") != "complete" or list(payload.get("overrides", [])) != list(overrides):
         return None
-    return payload
+    stored = payload.get("config_digests")
+    if digests is None or stored is None:
+        return payload
+    differing = sorted(k for k in set(stored) | set(digests) if stored.get(k) != digests.get(k))
+    if not differing:
+        return payload
+    if resume == "overrides":
+        log.warning("kept %s (resume=overrides) although the config's %s differ from the job that made it",
+                    path, ", ".join(differing))
+        return payload
+    log.warning("rerun: %s holds a result for these overrides made with another config (%s differ); "
+                "resume=overrides keeps such results", path, ", ".join(differing))
+    return None
 
 
 def run_task(cfg: DictConfig) -> dict[str, Any]:
@@ -103,10 +147,12 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     results_path = output_dir / RESULTS_FILE
     overrides = job_overrides()
     resume = str(cfg.get("resume", "auto"))
-    if resume not in ("auto", "never"):
-        raise ConfigError(f"resume={resume!r} is unknown; use resume=auto (skip finished jobs, resume stages from "
-                          "last.ckpt) or resume=never")
-    if resume == "auto" and (done := completed_result(output_dir, overrides)) is not None:
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume={resume!r} is unknown; use resume=auto (skip jobs finished with the same "
+                          "overrides and config, resume stages from last.ckpt), resume=overrides (skip on the same "
+                          "overrides even if the config changed) or resume=never")
+    digests = config_digests(cfg)
+    if resume != "never" and (done := completed_result(output_dir, overrides, digests, resume)) is not None:
         log.info("skipped: %s already holds a complete %s for these overrides", output_dir, RESULTS_FILE)
         return {**done, "skipped": True}
     # Checked here as well as on the submitting machine: a SLURM job is where its GPUs are known, and a job
@@ -134,6 +180,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(wall, 2),
         "world_size": world_size(),
         "output_dir": str(output_dir),
+        "config_digests": digests,
     }
     payload.update({k: v for k, v in result.items() if k not in payload and k != "tables"})
     if is_global_zero():
