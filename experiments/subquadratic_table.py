@@ -1,8 +1,10 @@
 """The subquadratic comparison as tables and one plot, read from the ``results.json`` of sweeps or single runs.
 
 ``python -m opdf_exp.report`` gives the generic summary (every metric, paired differences); this prints the
-issue's columns: one row per run (perplexity and its ratio to the teacher's, KL, recall probes, size, speed, state,
-stage-1 fidelity, steps and times), then per student the mean over seeds, and paired differences between students
+issue's columns: one row per run (perplexity and its ratio to the teacher's and, when a ``teacher_control`` run
+(the teacher itself through the same stages: student=transformer student.init=qkv_copy) is among the folders, to
+that corpus-adapted teacher's, since stage 3's CE on the corpus lowers any model's perplexity there; KL, recall
+probes, size, speed, state, stage-1 fidelity, steps and times), then per student the mean over seeds, and paired differences between students
 that share seeds (the log-perplexity difference, so a ratio of perplexities, with its spread over seeds). With
 ``--curves`` it draws the recovery curves (held-out perplexity against training tokens: after conversion, after
 each stage and inside stage 3) of the students named, or of the best three by mean perplexity.
@@ -35,6 +37,8 @@ def _overrides(result: dict) -> list[str]:
 
 def _label(result: dict, common: set[str]) -> str:
     """The student's name plus the overrides this run does not share with every other run shown (not the seed)."""
+    if is_teacher_control(result):
+        return "teacher control (the teacher through the same stages)"
     student = next((o.split("=", 1)[1] for o in _overrides(result) if o.startswith("student=")), "subquadratic/gla")
     extra = [o for o in _overrides(result) if o not in common and not o.startswith(("student=", "hydra.", "seed="))]
     return student.split("/")[-1] + (f" ({', '.join(extra)})" if extra else "")
@@ -54,8 +58,27 @@ def load(folders: list[str]) -> list[dict]:
     return [r for r in loaded if r.get("status") == "complete"]
 
 
+def is_teacher_control(result: dict) -> bool:
+    """The teacher itself through the same stages (student=transformer student.init=qkv_copy)."""
+    overrides = _overrides(result)
+    return "student=transformer" in overrides and "student.init=qkv_copy" in overrides
+
+
+def control_perplexity(loaded: list[dict]) -> dict[int, float]:
+    """Per seed, the perplexity of the teacher trained through the same stages (the corpus-adapted reference)."""
+    return {int(r.get("seed", 0)): r["metrics"]["student/perplexity"] for r in loaded if is_teacher_control(r)}
+
+
+def _control_ratio(result: dict, control: dict[int, float]) -> str:
+    if not control:
+        return "–"
+    reference = control.get(int(result.get("seed", 0)), next(iter(control.values())))
+    return f"{result['metrics']['student/perplexity'] / reference:.2f}x"
+
+
 def run_rows(loaded: list[dict], common: set[str]) -> list[str]:
-    header = ["model", "seed", "perplexity / teacher's", *(c[0] for c in COLUMNS),
+    control = control_perplexity(loaded)
+    header = ["model", "seed", "perplexity / teacher's", "perplexity / adapted teacher's", *(c[0] for c in COLUMNS),
               "attn-output rel. err after stage 1 (mean over layers)", "steps (1/2/3)", "train s", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher = None
@@ -68,11 +91,11 @@ def run_rows(loaded: list[dict], common: set[str]) -> list[str]:
         fid = f"{sum(fidelity) / len(fidelity):.3f}" if fidelity else "–"
         ratio = metrics["student/perplexity"] / metrics["teacher/perplexity"]
         lines.append("| " + " | ".join([_label(result, common), str(result.get("seed", "–")), f"{ratio:.2f}x",
-                                         *_cells(metrics, "student"), fid, steps, f"{seconds:.0f}",
+                                         _control_ratio(result, control), *_cells(metrics, "student"), fid, steps, f"{seconds:.0f}",
                                          f"{result.get('wall_time_s', 0):.0f}"]) + " |")
         teacher = teacher or _cells(metrics, "teacher")
     if teacher:
-        lines.append("| teacher | – | 1.00x | " + " | ".join(teacher) + " | – | – | – | – |")
+        lines.append("| teacher | – | 1.00x | – | " + " | ".join(teacher) + " | – | – | – | – |")
     return lines
 
 
