@@ -77,6 +77,22 @@ def test_multi_variant_job_writes_table_params_and_loadable_dense_students(tmp_p
                    "teacher/val/acc", "kd_opdf/test/acc"):
         assert column in metrics.split(","), column
 
+    # The experiment file edited after the job finished: one variant's spec changes, one is added. A relaunch
+    # reruns the job (its config differs) but retrains only those two; the other rows are reused as they were.
+    from omegaconf import open_dict
+
+    with compose_job([*tiny_overrides, "decomposition.n=3", "logger=csv"], tmp_path) as cfg, open_dict(cfg):
+        cfg.task.variants.kd_opdf.overrides = [*cfg.task.variants.kd_opdf.overrides, "optim.lr=1e-3"]
+        cfg.task.variants.kd_lr = {"label": "KD, lr 1e-3", "overrides": ["distill=kd", "optim.lr=1e-3"]}
+        run_task(cfg)
+    again = {row["name"]: row for row in json.loads((tmp_path / "results.json").read_text())["variants"]}
+    assert list(again) == ["no_kd", "kd", "kd_svd", "kd_opdf", "kd_lr"]
+    assert {name for name, row in again.items() if row.get("reused")} == {"no_kd", "kd", "kd_svd"}
+    for name in ("no_kd", "kd", "kd_svd"):
+        assert again[name]["metrics"] == rows[name]["metrics"]
+    assert again["kd_opdf"]["config_digest"] != rows["kd_opdf"]["config_digest"]
+    assert "kd_lr/test/acc" in again["kd_lr"]["metrics"] and not (tmp_path / "results.previous.json").exists()
+
 
 def test_resume_from_checkpoint_continues_the_step_count(tmp_path, tiny_overrides):
     common = [*tiny_overrides, "task.variants=null", "trainer.val_check_interval=2", "trainer.max_steps=4"]

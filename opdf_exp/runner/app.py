@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -29,6 +30,7 @@ from opdf_exp.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("opdf_exp")
 RESULTS_FILE = "results.json"
+PREVIOUS_RESULTS_FILE = "results.previous.json"
 ERROR_FILE = "error.txt"
 CONFIG_TREE_FILE = "config_tree.txt"
 RESUME_MODES = ("auto", "overrides", "never")
@@ -100,6 +102,21 @@ def config_digests(cfg: DictConfig) -> dict[str, str]:
     return digests
 
 
+def previous_result(output_dir: Path, overrides: list[str] | None = None, path: Path | None = None) -> dict | None:
+    """A complete earlier result of this job's folder (``results.previous.json``, or ``path``) made with the same
+    overrides, whose config has since changed; ``None`` when there is none."""
+    path = path or output_dir / PREVIOUS_RESULTS_FILE
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if payload.get("status") != "complete":
+        return None
+    if overrides is not None and list(payload.get("overrides", [])) != list(overrides):
+        return None
+    return payload
+
+
 def completed_result(output_dir: Path, overrides: list[str], digests: dict[str, str] | None = None,
                      resume: str = "auto") -> dict | None:
     """The stored result of this job when its folder holds a complete ``results.json`` for the same overrides
@@ -160,6 +177,10 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     check_trainer_config(cfg.trainer)
     check_job_config(cfg)
     if is_global_zero():
+        if resume != "never" and previous_result(output_dir, overrides, path=results_path) is not None:
+            # a finished job of the same overrides whose config changed: a multi-variant task reuses the rows of
+            # variants whose own config is unchanged (runner/distill_task.py); nobody reads it as this job's result
+            os.replace(results_path, output_dir / PREVIOUS_RESULTS_FILE)
         for stale in (results_path, output_dir / ERROR_FILE):
             if stale.exists():
                 stale.unlink()  # a re-used folder must never show a stale result or error for this job
@@ -185,6 +206,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     payload.update({k: v for k, v in result.items() if k not in payload and k != "tables"})
     if is_global_zero():
         atomic_write_json(results_path, payload)
+        (output_dir / PREVIOUS_RESULTS_FILE).unlink(missing_ok=True)
         for name, table in result.get("tables", {}).items():
             print(f"\n{name}\n{table}\n")
         log.info("results written to %s (%.1f s)", results_path, wall)

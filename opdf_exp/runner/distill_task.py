@@ -42,7 +42,7 @@ from opdf_exp.lit.module import DistillationModule
 from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
-from opdf_exp.runner.app import job_overrides
+from opdf_exp.runner.app import config_digests, job_overrides, previous_result
 from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
@@ -309,6 +309,23 @@ def variant_plan(cfg: DictConfig, variants: Mapping | None) -> list[tuple[str, s
     return plan
 
 
+def variant_digest(variant_cfg: DictConfig) -> str:
+    """A hash of everything one variant's student depends on: the composed config without the other variants'
+    specs (``task.variants``, ``task.primary``), so adding or editing one variant leaves the others' unchanged."""
+    digests = config_digests(variant_cfg)
+    task = {k: v for k, v in OmegaConf.to_container(variant_cfg.task, resolve=True).items()
+            if k not in ("variants", "primary")}
+    digests["task"] = hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reusable_rows(cfg: DictConfig) -> dict[str, dict]:
+    """The variant rows of this folder's previous result (same overrides, config since changed: runner/app.py),
+    by variant name; each is reused when its ``config_digest`` equals the variant's digest now."""
+    previous = previous_result(Path(cfg.paths.output_dir))
+    return {row["name"]: row for row in (previous or {}).get("variants", []) if row.get("config_digest")}
+
+
 def build_loss(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module,
                problem_type: str = "single_label_classification") -> DistillationLoss:
     """Instantiate every ``distill.terms`` entry (popping its ``weight``), plus OPDF's tensor alignment when the
@@ -566,7 +583,17 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     _check_image_input(cfg.teacher.model, datamodule, "teacher")
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
-    rows = [train_student(vcfg, name, label, prefix[name], teacher, datamodule, loggers) for name, label, vcfg in plan]
+    reusable = reusable_rows(cfg)
+    rows = []
+    for name, label, vcfg in plan:
+        digest = variant_digest(vcfg)
+        old = reusable.get(name)
+        if old and old.get("config_digest") == digest and old.get("metric_prefix") == prefix[name]:
+            log.info("variant %s: reused from this folder's previous result (its own config is unchanged)", name)
+            rows.append({**old, "label": label, "reused": True})
+            continue
+        row = train_student(vcfg, name, label, prefix[name], teacher, datamodule, loggers)
+        rows.append({**row, "config_digest": digest, "metric_prefix": prefix[name]})
 
     metrics = dict(teacher_metrics)
     for row in rows:
