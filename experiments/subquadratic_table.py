@@ -28,6 +28,8 @@ COLUMNS = [("perplexity", "perplexity", "{:,.1f}"), ("KL/token", "kl_per_token",
            ("prefill tok/s", "prefill_tokens_per_s", "{:.1f}"), ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
            ("state bytes T=512", "state_bytes_T512", "{:,.0f}"), ("state bytes T=4096", "state_bytes_T4096", "{:,.0f}")]
 STAGES = ("attention_transfer", "hidden_alignment", "end_to_end")
+# overrides that change where or how fast a job runs, not what it computes (beyond round-off): not in labels
+NOT_A_SETTING = ("task.num_threads=", "task.stages.attention_transfer.cache=", "task.stages.reuse=")
 
 
 def _overrides(result: dict) -> list[str]:
@@ -40,7 +42,8 @@ def _label(result: dict, common: set[str]) -> str:
     if is_teacher_control(result):
         return "teacher control (the teacher through the same stages)"
     student = next((o.split("=", 1)[1] for o in _overrides(result) if o.startswith("student=")), "subquadratic/gla")
-    extra = [o for o in _overrides(result) if o not in common and not o.startswith(("student=", "hydra.", "seed="))]
+    extra = [o for o in _overrides(result) if o not in common and not o.startswith(("student=", "hydra.", "seed="))
+             and not o.startswith(NOT_A_SETTING)]
     return student.split("/")[-1] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -161,7 +164,8 @@ def plot_curves(groups: dict[str, dict[int, dict]], names: list[str] | None, pat
         return statistics.fmean(r["metrics"]["student/perplexity"] / r["metrics"]["teacher/perplexity"]
                                 for r in groups[label].values())
 
-    chosen = names or sorted(groups, key=mean_ratio)[:3]
+    control = [k for k in groups if k.startswith("teacher control")]
+    chosen = names or sorted((k for k in groups if k not in control), key=mean_ratio)[:3] + control
     fig, ax = plt.subplots(figsize=(7, 4.2))
     teacher = None
     for label in chosen:
