@@ -223,46 +223,93 @@ def mixer_throughput(lengths=(2048, 8192, 32768), hidden: int = 576, heads: int 
     return f"{len(models)} layers x {len(lengths)} lengths"
 
 
-def opdf_overhead(tokens: int = 4096, repeats: int = 10) -> str:
-    """Median train-step time of an MPO student over the dense one, bf16-mixed, same batch."""
+def _bert_student(config, n: int | None, device: str):
+    """A randomly initialised BERT student, MPO-decomposed (order n) on its attention and MLP matrices or dense."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     sys.path.insert(0, str(REPO))
     from opdf_exp.mpo import apply_decomposition
 
-    config = BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=6)
-    batch, length = tokens // 512, 512
-    ids = torch.randint(0, config.vocab_size, (batch, length), device="cuda")
-    labels = torch.randint(0, 2, (batch,), device="cuda")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    if n:
+        apply_decomposition(model, kind="mpo", n=n, targets=["*.attention.*.query", "*.attention.*.key",
+                                                               "*.attention.*.value", "*.attention.output.dense",
+                                                               "*.intermediate.dense", "*.output.dense"])
+    return model.to(device)
 
-    def step_ms(n: int | None) -> float:
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(config).cuda()
-        if n:
-            apply_decomposition(model, kind="mpo", n=n, targets=["*.attention.*.query", "*.attention.*.key",
-                                                                   "*.attention.*.value", "*.attention.output.dense",
-                                                                   "*.intermediate.dense", "*.output.dense"])
+
+def opdf_overhead(token_counts=(1024, 4096, 16384), repeats: int = 10, device: str = "cuda", hidden: int = 768,
+                  heads: int = 12, layers: int = 6, length: int = 512) -> str:
+    """Median train-step time of an MPO student (n = 2, 3, 5) over the dense one on the same batch, bf16-mixed,
+    for a 6-layer BERT-base-width student at each number of tokens per step (issue 17)."""
+    import torch
+    from transformers import BertConfig
+
+    config = BertConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
+                        num_hidden_layers=layers, max_position_embeddings=max(512, length))
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step_ms(n: int | None, tokens: int) -> float:
+        model = _bert_student(config, n, device)
+        batch = max(tokens // length, 1)
+        ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+        labels = torch.randint(0, 2, (batch,), device=device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         times = []
         for i in range(repeats + 3):
-            torch.cuda.synchronize()
+            sync()
             started = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             if i >= 3:
                 times.append((time.perf_counter() - started) * 1e3)
         return sorted(times)[len(times) // 2]
 
-    dense = step_ms(None)
-    ratios = {n: step_ms(n) / dense for n in (2, 3, 5)}
-    REPORT.sections.append(f"## OPDF step overhead at {tokens} tokens (bf16-mixed)\n\ndense {dense:.1f} ms; "
-                           + ", ".join(f"n={n}: {r:.2f}x" for n, r in ratios.items()) + "\n")
-    return f"dense {dense:.1f} ms; " + ", ".join(f"n={n} {r:.2f}x" for n, r in ratios.items())
+    lines = ["| tokens per step | dense step (ms) | n = 2 | n = 3 | n = 5 |", "|---|---|---|---|---|"]
+    for tokens in token_counts:
+        dense = step_ms(None, tokens)
+        ratios = {n: step_ms(n, tokens) / dense for n in (2, 3, 5)}
+        lines.append(f"| {tokens} | {dense:.1f} | " + " | ".join(f"{r:.2f}x" for r in ratios.values()) + " |")
+    REPORT.sections.append(f"## OPDF step overhead, bf16-mixed, {layers}-layer BERT (hidden {hidden}), {device}\n\n"
+                           + "\n".join(lines) + "\n")
+    return "; ".join(line.split(" | ")[0].strip("| ") + " tokens: " + " ".join(line.split(" | ")[2:]).strip(" |")
+                     for line in lines[2:])
+
+
+def opdf_step_cuda_vs_cpu(device: str = "cuda", hidden: int = 768, heads: int = 12, layers: int = 6,
+                          batch: int = 4, length: int = 128) -> str:
+    """One float32 AdamW step of the same MPO student (n = 5) on ``device`` and on the CPU, from the same weights
+    and batch: the loss and the largest difference of any updated parameter (issue 17)."""
+    import torch
+    from transformers import BertConfig
+
+    config = BertConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
+                        num_hidden_layers=layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (batch, length))
+    labels = torch.randint(0, 2, (batch,))
+    results = {}
+    for where in ("cpu", device):
+        model = _bert_student(config, 5, where).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+        loss = model(input_ids=ids.to(where), labels=labels.to(where)).loss
+        loss.backward()
+        optimizer.step()
+        results[where] = (float(loss.detach()), {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    (cpu_loss, cpu_state), (dev_loss, dev_state) = results["cpu"], results[device]
+    worst = max(float((cpu_state[k] - dev_state[k]).abs().max()) for k in cpu_state)
+    text = f"loss {cpu_loss:.6f} (cpu) vs {dev_loss:.6f} ({device}); largest parameter difference after the step {worst:.2e}"
+    REPORT.sections.append(f"## One float32 OPDF training step, {device} against CPU\n\n{text}\n")
+    return text
 
 
 def dry_run() -> int:
@@ -287,10 +334,13 @@ def dry_run() -> int:
     from opdf_exp.mixers import list_mixers
     from tests.test_mixers import build  # noqa: F401  (the fast-path step's helpers)
 
-    mixer_throughput(lengths=(64,), hidden=48, heads=4, repeats=1, device="cpu")  # the step itself, tiny, on CPU
+    mixer_throughput(lengths=(64,), hidden=48, heads=4, repeats=1, device="cpu")  # the steps themselves, tiny, on CPU
+    opdf_overhead(token_counts=(64,), repeats=1, device="cpu", hidden=48, heads=4, layers=2, length=32)
+    opdf_step_cuda_vs_cpu(device="cpu", hidden=48, heads=4, layers=2, batch=2, length=16)
     REPORT.sections.clear()
     print(f"[dry-run] ok      fused-kernel comparison over {len(list_mixers())} mixers (outputs, final states, "
-          "gradients); tokens/s of each mixer vs SDPA at T = 2k, 8k, 32k; OPDF overhead at 4096 tokens, n = 2, 3, 5")
+          "gradients); tokens/s of each mixer vs SDPA at T = 2k, 8k, 32k; OPDF overhead at 1k, 4k, 16k tokens, "
+          "n = 2, 3, 5; one float32 OPDF step on CUDA against CPU")
     print(f"[dry-run] {'all steps compose' if not problems else f'{problems} problem(s)'}")
     return 1 if problems else 0
 
@@ -322,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             REPORT.step(f"job: {name}", cli_job, overrides, Path(tmp) / str(index))
     REPORT.step("fused kernels vs chunked torch kernels", fast_paths)
     REPORT.step("mixer layers vs SDPA attention, tokens/s", mixer_throughput)
-    REPORT.step("OPDF step overhead at 4k tokens", opdf_overhead)
+    REPORT.step("OPDF step overhead at 1k, 4k, 16k tokens", opdf_overhead)
+    REPORT.step("one float32 OPDF step, CUDA vs CPU", opdf_step_cuda_vs_cpu)
     REPORT.sections.append(f"Total {time.perf_counter() - started:.0f} s.")
     Path(args.out).write_text(REPORT.markdown("GPU check"))
     print(f"[gpu-check] report written to {args.out}")
