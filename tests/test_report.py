@@ -118,3 +118,29 @@ def test_report_logs_to_wandb_offline(tmp_path, monkeypatch):
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     record = read_offline_record(tmp_path, (b"report", b"quickstart/summary"))
     assert b"report" in record and b"quickstart/summary" in record
+
+
+def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp_path):
+    """The GLUE study's OPDF rows share method and decomposition (kd, mpo): each keeps its own row, named by its
+    label, and is paired against KD alone by seed (before, the first one stood for all of them)."""
+    sweep = tmp_path / "mrpc"
+    scores = {1: (0.70, 0.65, 0.74), 2: (0.72, 0.65, 0.75)}  # acc of KD, OPDF (same rate), OPDF (auto)
+    for num, (seed, (kd, same, auto)) in enumerate(scores.items()):
+        job = sweep / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        variants = [{"name": name, "label": label, "method": "kd", "decomposition": kind,
+                     "metrics": {f"{name}/test/acc": acc, f"{name}/test/f1": acc}, "params": {"train": 1, "inference": 1}}
+                    for name, label, kind, acc in (("kd", "KD", "none", kd), ("kd_opdf", "KD + OPDF", "mpo", same),
+                                                   ("kd_opdf_auto", "KD + OPDF, auto", "mpo", auto))]
+        atomic_write_json(job / "results.json", {
+            "status": "complete", "task_name": "glue_cpu", "overrides": ["data=glue/mrpc", f"seed={seed}"],
+            "seed": seed, "metrics": {}, "variants": variants,
+            "teacher": {"metrics": {"teacher/test/acc": 0.8, "teacher/test/f1": 0.8}, "params": {}}})
+    glue = report([sweep], plots=False)["experiments"][0]["glue"]["tasks"]["mrpc"]
+    rows = {r["model"]: r for r in glue["rows"]}
+    assert set(rows) == {"teacher", "kd alone", "KD + OPDF", "KD + OPDF, auto"}
+    assert rows["KD + OPDF, auto"]["score"] == "74.50 ± 0.71"  # MRPC's score: the mean of F1 and accuracy
+    paired = {p["comparison"]: p for p in glue["paired"]}
+    assert set(paired) == {"KD + OPDF − kd alone", "KD + OPDF, auto − kd alone"}
+    assert paired["KD + OPDF, auto − kd alone"]["mean diff"] == "+3.50"
+    assert paired["KD + OPDF − kd alone"]["better in"] == "0/2"

@@ -366,26 +366,27 @@ def _glue_task_of(job: Job) -> str | None:
     return None
 
 
-def _glue_entries(job: Job, task: str) -> list[tuple[str, str, float, dict, dict]]:
-    """``[(method, decomposition, task score, metrics, params)]`` of a job's teacher and students."""
+def _glue_entries(job: Job, task: str) -> list[tuple[str, str, str, float, dict, dict]]:
+    """``[(method, decomposition, variant label, task score, metrics, params)]`` of a job's teacher and
+    students."""
     from opdf_exp.data.glue_tasks import task_score
     from opdf_exp.errors import ConfigError
 
     result = job.payload
-    parts = ([("teacher", "-", "teacher/", result["teacher"])] if result.get("teacher") else [])
+    parts = ([("teacher", "-", "teacher", "teacher/", result["teacher"])] if result.get("teacher") else [])
     for variant in result.get("variants", []):
         method = variant.get("method") or _job_config_value(job, "distill.name")
         decomposition = variant.get("decomposition") or _job_config_value(job, "decomposition.kind")
         prefix = f"{variant['name']}/"
-        parts.append((method, decomposition, prefix, variant))
+        parts.append((method, decomposition, str(variant.get("label") or variant["name"]), prefix, variant))
     entries = []
-    for method, decomposition, prefix, part in parts:
+    for method, decomposition, label, prefix, part in parts:
         metrics = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in part.get("metrics", {}).items()}
         try:
             score = task_score(task, metrics)
         except ConfigError:  # a job that did not log the task's metrics (an old or partial result)
             continue
-        entries.append((method, decomposition, score, metrics, part.get("params", {})))
+        entries.append((method, decomposition, label, score, metrics, part.get("params", {})))
     return entries
 
 
@@ -393,17 +394,19 @@ def glue_tables(jobs: list[Job]) -> dict | None:
     """Per-task and GLUE-average tables over GLUE jobs; None when no job is a GLUE job."""
     from opdf_exp.data.glue_tasks import GLUE_AVERAGE_EXCLUDES, glue_average, glue_task
 
-    # scores[(method, decomposition)][task][seed] = score; one value per seed (a shared teacher counts once)
-    scores: dict[tuple[str, str], dict[str, dict[Any, float]]] = {}
-    metric_values: dict[tuple[str, str, str], dict[str, dict[Any, float]]] = {}
-    params: dict[tuple[str, str, str], dict] = {}
+    # scores[(method, decomposition, label)][task][seed] = score; one value per seed (a shared teacher counts
+    # once). The variant's label tells apart rows of one method and decomposition (the GLUE study's OPDF rows:
+    # same nominal rate, lr_scale=auto, the public setting, an alignment that acts).
+    scores: dict[tuple[str, str, str], dict[str, dict[Any, float]]] = {}
+    metric_values: dict[tuple[str, ...], dict[str, dict[Any, float]]] = {}
+    params: dict[tuple[str, ...], dict] = {}
     for job in sorted(jobs, key=lambda j: str(j.folder)):
         task = _glue_task_of(job)
         if task is None:
             continue
         seed = job.seed if job.seed is not None else str(job.folder)
-        for method, decomposition, score, metrics, part_params in _glue_entries(job, task):
-            row = (method, decomposition)
+        for method, decomposition, variant_label, score, metrics, part_params in _glue_entries(job, task):
+            row = (method, decomposition, variant_label)
             scores.setdefault(row, {}).setdefault(task, {}).setdefault(seed, score)
             per_metric = metric_values.setdefault((*row, task), {})
             for name in glue_task(task).metrics:
@@ -415,8 +418,14 @@ def glue_tables(jobs: list[Job]) -> dict | None:
     order = sorted(scores, key=lambda r: (r[0] != "teacher", r[0], list(DECOMPOSITION_LABELS).index(r[1])
                                           if r[1] in DECOMPOSITION_LABELS else -1))
 
-    def label(row: tuple[str, str]) -> str:
-        return row[0] if row[0] == "teacher" else f"{row[0]} {DECOMPOSITION_LABELS.get(row[1], row[1])}"
+    shared = {r[:2] for r in scores if sum(o[:2] == r[:2] for o in scores) > 1}
+
+    def label(row: tuple[str, str, str]) -> str:
+        if row[0] == "teacher":
+            return row[0]
+        if row[:2] in shared:  # several variants of one method and decomposition: their own labels
+            return row[2]
+        return f"{row[0]} {DECOMPOSITION_LABELS.get(row[1], row[1])}"
 
     def pct(values: dict[Any, float]) -> dict:
         return describe([100.0 * v for v in values.values()])
@@ -433,11 +442,12 @@ def glue_tables(jobs: list[Job]) -> dict | None:
             out["train params"] = params[(*row, task)].get("train")
             out["inference params"] = params[(*row, task)].get("inference")
             rows.append(out)
-        per_task[task] = {"rows": rows, "paired": _glue_paired({r: v[task] for r, v in scores.items() if task in v})}
+        per_task[task] = {"rows": rows, "paired": _glue_paired({r: v[task] for r, v in scores.items() if task in v},
+                                                               label)}
     # GLUE average per seed, for rows that ran every averaged task of the sweep with that seed (an average over
     # another set of tasks would not be comparable, so such rows get none)
     averaged = [t for t in tasks if t not in GLUE_AVERAGE_EXCLUDES]
-    averages: dict[tuple[str, str], dict[Any, float]] = {}
+    averages: dict[tuple[str, str, str], dict[Any, float]] = {}
     for row in order:
         complete = averaged and all(t in scores[row] for t in averaged)
         seeds = set.intersection(*(set(scores[row][t]) for t in averaged)) if complete else set()
@@ -451,23 +461,26 @@ def glue_tables(jobs: list[Job]) -> dict | None:
         out["GLUE avg"] = _fmt(pct(averages[row]), 2) if averages[row] else None
         out["n seeds"] = len(averages[row])
         average_rows.append(out)
-    return {"tasks": per_task, "average": {"rows": average_rows, "paired": _glue_paired(averages),
+    return {"tasks": per_task, "average": {"rows": average_rows, "paired": _glue_paired(averages, label),
                                            "tasks_averaged": averaged}}
 
 
-def _glue_paired(values: dict[tuple[str, str], dict[Any, float]]) -> list[dict]:
-    """+SVD and +OPDF minus the same method alone, in score points, over the seeds both ran."""
+def _glue_paired(values: dict[tuple[str, str, str], dict[Any, float]], label) -> list[dict]:
+    """Each +SVD / +OPDF row minus the same method alone (its first dense row), in score points, over the seeds
+    both ran; ``label(row)`` names the rows."""
     out = []
-    for (method, decomposition), with_decomposition in values.items():
-        alone = values.get((method, "none"))
-        if decomposition in ("none", "-") or alone is None:
+    for row, with_decomposition in values.items():
+        method, decomposition = row[:2]
+        alone_row = next((r for r in values if r[:2] == (method, "none")), None)
+        if decomposition in ("none", "-") or alone_row is None:
             continue
+        alone = values[alone_row]
         seeds = [s for s in alone if s in with_decomposition]
         if not seeds:
             continue
         diffs = [100.0 * (with_decomposition[s] - alone[s]) for s in seeds]
         stat = describe(diffs)
-        out.append({"comparison": f"{method} {DECOMPOSITION_LABELS.get(decomposition, decomposition)} − {method} alone",
+        out.append({"comparison": f"{label(row)} − {label(alone_row)}",
                     "n seeds": len(seeds), "mean diff": f"{stat['mean']:+.2f}",
                     "std": f"{stat['std']:.2f}" if stat.get("std") is not None else None,
                     "95% CI": _fmt_ci(stat, 2), "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"})
