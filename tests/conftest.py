@@ -13,6 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one intra-op thread each,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the CLI runs they spawn (no OpenMP oversubscription)
 
 import opdf_exp  # noqa: E402  (applies the torchvision work-around first)
 import pytest  # noqa: E402

@@ -13,7 +13,7 @@ from opdf_exp.runner.trainer import StageTrainers
 @pytest.fixture(scope="module")
 def planted_measurement():
     # notes section 4: d=64, F=512, alpha=0.98, TopK dictionary 512 with k=10
-    from opdf_exp.geometry.toy import torch_threads
+    from opdf_exp.utils.threads import torch_threads
 
     with torch_threads(1):  # tiny matmuls: one thread is faster and immune to a busy second core
         data = S.planted_superposition(100_000, d=64, n_features=512, alpha=0.98, seed=0)

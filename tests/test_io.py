@@ -1,9 +1,11 @@
 """Atomic writes: a failed write leaves the previous file intact and no temporary behind."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +33,15 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write(path, explode)
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_json_digest_is_canonical_and_truncated():
+    from opdf_exp.utils.io import json_digest
+
+    first = {"b": [1, 2], "a": {"y": 1.5, "x": None}, "path": Path("/tmp/x")}
+    second = {"path": Path("/tmp/x"), "a": {"x": None, "y": 1.5}, "b": [1, 2]}  # same content, other key order
+    assert json_digest(first) == json_digest(second) and len(json_digest(first)) == 16
+    assert len(json_digest(first, 12)) == 12 and json_digest(first).startswith(json_digest(first, 12))
+    assert json_digest({**first, "b": [2, 1]}) != json_digest(first)  # list order is content
+    expected = hashlib.sha256(json.dumps(first, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert json_digest(first) == expected  # the keys of caches written before json_digest existed still match

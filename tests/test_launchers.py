@@ -4,7 +4,6 @@ the same report as the other launchers."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 
 import pytest

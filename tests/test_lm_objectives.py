@@ -112,6 +112,9 @@ def test_stage3_chunked_objective_equals_whole_logits_on_a_converted_tiny_llama(
                           {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
     (whole, w_values, w_grads), (chunked, c_values, c_grads) = results[None], results[7]
     assert set(w_values) == {"ce", divergence} and torch.allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert c_values.keys() == w_values.keys()
+    for term in w_values:  # every logged term, not only the total, is the unchunked one
+        assert torch.allclose(c_values[term], w_values[term], rtol=1e-5, atol=1e-6), term
     assert w_grads.keys() == c_grads.keys() and w_grads
     for name in w_grads:
         assert torch.allclose(c_grads[name], w_grads[name], rtol=1e-4, atol=1e-6), name

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from opdf_exp.errors import ConfigError
+from opdf_exp.utils.io import json_digest
 
 INDEX_KEY = "example_index"
 FORMAT_VERSION = 1
@@ -233,7 +234,5 @@ def verify(cache: TeacherOutputCache, teacher: torch.nn.Module, batches: Iterabl
 def cache_key(teacher_fingerprint_: str, data: Mapping, inputs: Mapping, layers: Sequence[int]) -> str:
     """``inputs``: what fixes an example's model inputs (the DataModule's ``input_signature()``: tokenizer and max
     length for text, the eval transform's data config for images)."""
-    blob = json.dumps({"teacher": teacher_fingerprint_, "data": data, "inputs": inputs,
-                       "layers": sorted(int(x) for x in layers),
-                       "format": FORMAT_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest({"teacher": teacher_fingerprint_, "data": data, "inputs": inputs,
+                        "layers": sorted(int(x) for x in layers), "format": FORMAT_VERSION})

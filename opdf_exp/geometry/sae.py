@@ -15,7 +15,6 @@ No Hydra here.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset  # noqa: F401  (planted data helpers)
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory

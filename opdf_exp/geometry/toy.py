@@ -20,18 +20,16 @@ the whole sweep. This module does not import Hydra.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from opdf_exp.errors import ConfigError
 from opdf_exp.geometry import theory
-from opdf_exp.utils.threads import torch_threads
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import pytorch_lightning as pl

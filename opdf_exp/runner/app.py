@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opdf_exp.errors import ConfigError, UserError
 from opdf_exp.utils.distributed import is_global_zero, world_size
-from opdf_exp.utils.io import atomic_write_json, atomic_write_text
+from opdf_exp.utils.io import atomic_write_json, atomic_write_text, json_digest
 
 log = logging.getLogger("opdf_exp")
 RESULTS_FILE = "results.json"
@@ -83,7 +83,6 @@ def config_digests(cfg: DictConfig) -> dict[str, str]:
     """A short hash of each top-level entry of the resolved job config that its result depends on. Stored in
     ``results.json``: a relaunch with the same overrides but an edited experiment file (another rate in a YAML,
     a new variant) is then told apart from the job that made the result, and each differing entry is named."""
-    import hashlib
 
     from omegaconf.errors import OmegaConfBaseException
 
@@ -98,7 +97,7 @@ def config_digests(cfg: DictConfig) -> dict[str, str]:
             value = str(node)
         if key == "trainer" and isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in VOLATILE_TRAINER_KEYS}
-        digests[str(key)] = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        digests[str(key)] = json_digest(value, 12)
     return digests
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from opdf_exp.runner.app import config_digests, job_overrides, previous_result
 from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
+from opdf_exp.utils.io import json_digest
 from opdf_exp.utils.distributed import is_global_zero
 from opdf_exp.utils.io import atomic_write_json
 from opdf_exp.utils.tables import write_table
@@ -140,10 +140,9 @@ def _teacher_cache_key(cfg: DictConfig) -> str:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     for volatile in ("default_root_dir", "enable_progress_bar", "log_every_n_steps", "enable_model_summary"):
         trainer.pop(volatile, None)
-    blob = json.dumps({"teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
-                       "data": OmegaConf.to_container(cfg.data, resolve=True), "trainer": trainer,
-                       "seed": _teacher_seed(cfg)}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest({"teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+                        "data": OmegaConf.to_container(cfg.data, resolve=True), "trainer": trainer,
+                        "seed": _teacher_seed(cfg)})
 
 
 def _teacher_seed(cfg: DictConfig) -> int:
@@ -315,8 +314,8 @@ def variant_digest(variant_cfg: DictConfig) -> str:
     digests = config_digests(variant_cfg)
     task = {k: v for k, v in OmegaConf.to_container(variant_cfg.task, resolve=True).items()
             if k not in ("variants", "primary")}
-    digests["task"] = hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    digests["task"] = json_digest(task, 12)
+    return json_digest(digests)
 
 
 def reusable_rows(cfg: DictConfig) -> dict[str, dict]:

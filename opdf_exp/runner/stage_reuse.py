@@ -32,6 +32,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from opdf_exp.utils.io import json_digest
+
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +92,7 @@ class StageReuse:
 
     def key(self, index: int) -> str:
         covered = {name: self.stage_cfgs[name] for name in self.stage_names[: index + 1]}
-        text = json.dumps({**self.base_key, "stages": covered}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        return json_digest({**self.base_key, "stages": covered}, 20)
 
     def folder(self, index: int) -> Path:
         return self.root / f"{self.stage_names[index]}-{self.key(index)}"

@@ -10,7 +10,6 @@ and the decoding settings. A different teacher, corpus or setting is a different
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from opdf_exp.errors import ConfigError
+from opdf_exp.utils.io import json_digest
 
 log = logging.getLogger(__name__)
 DECODINGS = ("greedy", "sample")
@@ -61,7 +61,7 @@ def cache_key(teacher: nn.Module, blocks: torch.Tensor, settings: SequenceKDSett
     }
     parts["teacher_config"] = {k: v for k, v in parts["teacher_config"].items() if k not in ("_name_or_path",)} \
         if isinstance(parts["teacher_config"], dict) else parts["teacher_config"]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return json_digest(parts, 20)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Atomic file writes.
+"""Atomic file writes, and the one digest every cache key and result identity is made of.
 
 Why: a sweep job that dies mid-write (OOM, SLURM pre-emption, Ctrl-C) must never leave a half-written
 ``results.json`` or checkpoint that an aggregator would then read as a finished run. We write to a temporary
@@ -6,6 +6,7 @@ file in the same folder, fsync it, and ``os.replace`` it into place (atomic on P
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -55,3 +56,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def json_digest(obj: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``obj``'s canonical JSON (sorted keys; ``str()`` for what
+    JSON cannot hold).
+
+    Why one function: every cache key (fine-tuned teachers, logit caches, stored stages, sequence-KD text) and every
+    config identity in ``results.json`` is compared across processes and sessions, so they must all canonicalise a
+    config the same way; two spellings of one dict must never hash apart.
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]

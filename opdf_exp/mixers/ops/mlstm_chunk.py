@@ -26,7 +26,6 @@ def chunk_mlstm(q, k, v, i, f, *, scale: float, initial_state=None, output_final
     q, k, v, flog = (pad_time(t, c) for t in (q * scale, k, v, flog))
     v = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # the normaliser rides along as value column V
     q, k, v = to_chunks(q, c), to_chunks(k, c), to_chunks(v, c)  # (B, H, N, C, D)
-    n = q.shape[2]
     b = to_chunks(flog, c).cumsum(3)  # (B, H, N, C)
     a = to_chunks(i, c) - b  # log weight of key j relative to the chunk start
     a_cummax = a.cummax(3).values
