@@ -203,8 +203,7 @@ class LinearAttention(_QKVMixer):
     def _window_core(self, inp, state, mode, want):
         """The sliding-window hybrid (class docstring): keys = the W carried slots then the T new ones."""
         q, k, v, valid = inp["q_raw"], inp["k_raw"], inp["v"], inp["valid"]  # (B, T, H, D), (B, T)
-        b, t, h, _ = q.shape
-        w = self.window
+        b, t = q.shape[:2]
         zeros = {name: q.new_zeros(shape) for name, shape in self.state_shape(b).items() if name.startswith("win_")}
         keys = torch.cat([state.get("win_k", zeros["win_k"]).to(q.dtype), k], 1)      # (B, W + T, H, K)
         values = torch.cat([state.get("win_v", zeros["win_v"]).to(q.dtype), v], 1)    # (B, W + T, H, V)
@@ -216,20 +215,43 @@ class LinearAttention(_QKVMixer):
         lin, final = ops.linear_attn(inp["q"], phi_k, v_den, mode=mode, scale=1.0, initial_state=state.get("S"),
                                      output_final_state=want, chunk_size=self.chunk_size)
         # window part: query i sees keys[i + 1 .. i + W] (itself and the W - 1 before it)
-        win_k = keys.unfold(1, w, 1)[:, 1:t + 1]                                          # (B, T, H, K, W)
-        win_v = values.unfold(1, w, 1)[:, 1:t + 1]                                        # (B, T, H, V, W)
-        win_real = real.unfold(1, w, 1)[:, 1:t + 1]                                       # (B, T, W)
-        scores = torch.einsum("bthd,bthdw->bthw", q, win_k) * self.key_dim ** -0.5
-        scores = scores.masked_fill(win_real[:, :, None, :] == 0, float("-inf"))
-        top = scores.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a pad query with no real key
-        weights = torch.sigmoid(self.window_factor).view(1, 1, h, 1) * (scores - top).exp()  # (B, T, H, W)
-        num = torch.einsum("bthw,bthvw->bthv", weights, win_v) + lin[..., :-1]
-        den = weights.sum(-1, keepdim=True) + lin[..., -1:]
-        o = num / _safe_denominator(den, self.eps)
+        win_num, win_den = self._banded_softmax(q, keys, values, real)
+        o = (win_num + lin[..., :-1]) / _safe_denominator(win_den + lin[..., -1:], self.eps)
         if not want:
             return o, {}
         return o, {"S": final, "win_k": keys[:, t:], "win_v": values[:, t:], "win_valid": real[:, t:]}
+
+    def _banded_softmax(self, q, keys, values, real):
+        """Numerator and denominator of the window branch: query i (of T) against keys[i + 1 .. i + W] of the
+        W + T carried-then-new keys, as dense block matmuls.
+
+        Why blocks: query block c (queries cW .. cW + W - 1) needs exactly key blocks c and c + 1, so a
+        (W, 2W) score tile per block with a fixed band mask does the work in contiguous batched matmuls. The
+        per-query gather of W keys (``unfold``) it replaces spent 9x the whole linear branch's time in strided copies
+        and their backward (experiments/bench_subquadratic.py)."""
+        b, t, h, _ = q.shape
+        w = self.window
+        n = -(-t // w)                                                                    # query blocks
+        q_blocks = F.pad(q, (0, 0, 0, 0, 0, n * w - t)).view(b, n, w, h, -1).permute(0, 3, 1, 2, 4)  # (B, H, N, W, K)
+
+        def pairs(x):  # (B, W + T, ...) -> (B, N, 2W, ...): key blocks c and c + 1 side by side for query block c
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, (n + 1) * w - x.shape[1]))
+            x = x.view(b, n + 1, w, *x.shape[2:])
+            return torch.cat([x[:, :-1], x[:, 1:]], 2)
+
+        k_pairs = pairs(keys).permute(0, 3, 1, 2, 4)                                      # (B, H, N, 2W, K)
+        v_pairs = pairs(values).permute(0, 3, 1, 2, 4)                                    # (B, H, N, 2W, V)
+        real_pairs = pairs(real)[:, None, :, None, :] > 0                                 # (B, 1, N, 1, 2W)
+        offset = torch.arange(2 * w, device=q.device)[None, :] - torch.arange(w, device=q.device)[:, None]
+        band = (offset >= 1) & (offset <= w)                                              # (W, 2W)
+        scores = (q_blocks @ k_pairs.transpose(-1, -2)) * self.key_dim ** -0.5            # (B, H, N, W, 2W)
+        scores = scores.masked_fill(~(band & real_pairs), float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a pad query with no real key
+        weights = torch.sigmoid(self.window_factor).view(1, h, 1, 1, 1) * (scores - top).exp()
+        num = (weights @ v_pairs).permute(0, 2, 3, 1, 4).reshape(b, n * w, h, -1)[:, :t]  # (B, T, H, V)
+        den = weights.sum(-1).permute(0, 2, 3, 1).reshape(b, n * w, h, 1)[:, :t]          # (B, T, H, 1)
+        return num, den
 
     def _core(self, inp, state, mode, want):
         if self.window:
