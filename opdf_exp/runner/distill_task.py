@@ -462,23 +462,23 @@ def _lightning_module_class(cfg: DictConfig) -> type:
     return hydra.utils.get_class(target) if target else DistillationModule
 
 
-def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: torch.nn.Module, datamodule,
-                  loggers: list) -> dict[str, Any]:
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # each variant reproducible on its own
-    splits = datamodule.load_splits()
-    method = distill_method(cfg)
+def build_student(cfg: DictConfig, name: str, teacher: torch.nn.Module, datamodule, method: DistillMethod,
+                  problem_type: str) -> torch.nn.Module:
+    """The variant's student, built from the teacher and checked against the teacher and the data (classes, image
+    size, what the method needs), frozen where configured; :func:`decompose_student` over-parameterizes it."""
     build = hydra.utils.instantiate(cfg.student.model)
     student = build(teacher=teacher)
     check_class_count(teacher, student)
     if getattr(datamodule, "data_config", None):
         check_input_size(student, datamodule.data_config["input_size"], "student")
     freeze_parameters(student, cfg.student.get("freeze"))
-    method.check(student=student, teacher=teacher, problem_type=splits.problem_type)
+    method.check(student=student, teacher=teacher, problem_type=problem_type)
+    return student
+
+
+def decompose_student(cfg: DictConfig, name: str, student: torch.nn.Module) -> None:
+    """Replace the student's matrices by their MPO/SVD decompositions in place (``decomposition.kind``)."""
     decomposition = cfg.decomposition
-    if method.trains_teacher:  # a trainable copy: the job's teacher stays as fine-tuned for the other variants
-        teacher = copy.deepcopy(teacher)
-        teacher.requires_grad_(True)
-        freeze_parameters(teacher, cfg.teacher.finetune.get("freeze"))
     if decomposition.kind != "none":
         from opdf_exp.mpo import MPOEmbedding, MPOLinear, apply_decomposition
 
@@ -488,9 +488,29 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
         matrices = sum(isinstance(m, (MPOLinear, MPOEmbedding)) for m in student.modules())
         log.info("%s: decomposition %s applied to %d matrices in %.2f s (%.1f matrices/s)", name, decomposition.kind,
                  matrices, seconds, matrices / max(seconds, 1e-9))
-    loss = build_loss(cfg, student, teacher, splits.problem_type)  # OPDF aligns against the teacher as fine-tuned
-    if method.trains_teacher and method.decompose_teacher and decomposition.kind != "none":
-        apply_decomposition(teacher, **_decomposition_kwargs(decomposition))
+
+
+def trainable_teacher(cfg: DictConfig, teacher: torch.nn.Module, method: DistillMethod) -> torch.nn.Module:
+    """A method that trains its teacher (LGTM) gets a trainable copy, so the job's teacher stays as fine-tuned for
+    the other variants; any other method gets the teacher itself."""
+    if not method.trains_teacher:
+        return teacher
+    teacher = copy.deepcopy(teacher)
+    teacher.requires_grad_(True)
+    freeze_parameters(teacher, cfg.teacher.finetune.get("freeze"))
+    return teacher
+
+
+def build_module(cfg: DictConfig, name: str, prefix: str, student: torch.nn.Module, teacher: torch.nn.Module,
+                 method: DistillMethod, datamodule, splits) -> tuple[pl.LightningModule, Any, dict[str, int]]:
+    """The LightningModule that trains ``student``: its loss (OPDF aligns against the teacher as fine-tuned, before
+    a teacher-training method decomposes its copy), the method's training model, the teacher-output cache, the
+    optimizer's parameter groups. Returns (module, loss, parameter counts)."""
+    loss = build_loss(cfg, student, teacher, splits.problem_type)
+    if method.trains_teacher and method.decompose_teacher and cfg.decomposition.kind != "none":
+        from opdf_exp.mpo import apply_decomposition
+
+        apply_decomposition(teacher, **_decomposition_kwargs(cfg.decomposition))
     train_model = method.training_model(student, teacher, seed=int(cfg.seed))
     params = student_params(student, loss)
     if method.trains_teacher:
@@ -499,12 +519,18 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
              params["train"], params["inference"])
     # A teacher that trains (LGTM) changes its outputs every step: nothing to cache then.
     cache = None if method.trains_teacher else teacher_output_cache(cfg, teacher, loss, datamodule)
-    module_class = _lightning_module_class(cfg)
-    module = module_class(student, loss, teacher if loss.needs_teacher or method.trains_teacher else None,
-                          problem_type=splits.problem_type, num_labels=splits.num_labels,
-                          metrics=list(cfg.data.metrics), log_prefix=prefix, train_model=train_model,
-                          teacher_cache=cache, **method.module_options(), **_optim_kwargs(cfg.optim),
-                          **_mpo_optim_kwargs(decomposition))
+    module = _lightning_module_class(cfg)(
+        student, loss, teacher if loss.needs_teacher or method.trains_teacher else None,
+        problem_type=splits.problem_type, num_labels=splits.num_labels, metrics=list(cfg.data.metrics),
+        log_prefix=prefix, train_model=train_model, teacher_cache=cache, **method.module_options(),
+        **_optim_kwargs(cfg.optim), **_mpo_optim_kwargs(cfg.decomposition))
+    return module, loss, params
+
+
+def fit_student(cfg: DictConfig, name: str, prefix: str, module: pl.LightningModule, datamodule,
+                loggers: list) -> tuple[pl.Trainer, dict[str, Any]]:
+    """Fit (unless ``train=false``) with the runner's one Trainer builder; returns the trainer and the run's
+    steps, epochs and training time."""
     # A manual-optimization step (LGTM) clips its own gradients; Lightning refuses gradient_clip_val for it.
     stage_overrides = None
     if not module.automatic_optimization:
@@ -514,26 +540,43 @@ def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: 
     started = time.perf_counter()
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer, cfg.get("ckpt_path")))
-    train_time = time.perf_counter() - started
-    steps = int(trainer.global_step)  # before evaluation restores the best checkpoint's counter
-    epochs = int(trainer.current_epoch)  # with DDP each step takes world_size batches: epochs go faster
+    run = {"steps": int(trainer.global_step),  # before evaluation restores the best checkpoint's counter
+           "epochs": int(trainer.current_epoch),  # with DDP each step takes world_size batches: epochs go faster
+           "world_size": int(trainer.world_size), "train_time_s": round(time.perf_counter() - started, 1)}
     _save_last(trainer)
-    metrics = _evaluate(trainer, module, datamodule)
-    row: dict[str, Any] = {"name": name, "label": label, "method": method.name, "decomposition": decomposition.kind,
-                           "loss": loss.formula(), "params": params,
-                           "steps": steps, "epochs": epochs, "world_size": int(trainer.world_size),
-                           "train_time_s": round(train_time, 1),
-                           "metrics": metrics}
-    if decomposition.kind != "none":
-        from opdf_exp.mpo import export_dense
+    return trainer, run
 
-        export_dense(module.student)
-        dense = {k: float(v) for result in trainer.test(module, datamodule=datamodule, verbose=False)
-                 for k, v in result.items() if "/loss" not in k}
-        row["dense_export"] = {"metrics": dense,
-                               "max_metric_change": max((abs(dense[k] - metrics[k]) for k in dense if k in metrics),
-                                                        default=0.0),
-                               "params": _count(module.student)}
+
+def dense_export_row(trainer: pl.Trainer, module: pl.LightningModule, datamodule,
+                     metrics: Mapping[str, float]) -> dict[str, Any]:
+    """Contract the decomposed student back to dense layers and test it again: the export must not change what
+    the student predicts (``max_metric_change``), and its parameter count is the deployed model's."""
+    from opdf_exp.mpo import export_dense
+
+    export_dense(module.student)
+    dense = {k: float(v) for result in trainer.test(module, datamodule=datamodule, verbose=False)
+             for k, v in result.items() if "/loss" not in k}
+    return {"metrics": dense,
+            "max_metric_change": max((abs(dense[k] - metrics[k]) for k in dense if k in metrics), default=0.0),
+            "params": _count(module.student)}
+
+
+def train_student(cfg: DictConfig, name: str, label: str, prefix: str, teacher: torch.nn.Module, datamodule,
+                  loggers: list) -> dict[str, Any]:
+    """One variant, start to end: build, train, evaluate, export and save its student; returns its result row."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)  # each variant reproducible on its own
+    splits = datamodule.load_splits()
+    method = distill_method(cfg)
+    student = build_student(cfg, name, teacher, datamodule, method, splits.problem_type)
+    teacher = trainable_teacher(cfg, teacher, method)  # copied before the student's decomposition, as built
+    decompose_student(cfg, name, student)
+    module, loss, params = build_module(cfg, name, prefix, student, teacher, method, datamodule, splits)
+    trainer, run = fit_student(cfg, name, prefix, module, datamodule, loggers)
+    metrics = _evaluate(trainer, module, datamodule)
+    row: dict[str, Any] = {"name": name, "label": label, "method": method.name, "decomposition": cfg.decomposition.kind,
+                           "loss": loss.formula(), "params": params, **run, "metrics": metrics}
+    if cfg.decomposition.kind != "none":
+        row["dense_export"] = dense_export_row(trainer, module, datamodule, metrics)
     if cfg.get("save_student", True) and not trainer.fast_dev_run:
         folder = Path(cfg.paths.output_dir) / "students" / name
         _save_pretrained_atomic(module.student, getattr(datamodule, "tokenizer", None), folder)
