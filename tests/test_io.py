@@ -1,4 +1,4 @@
-"""Atomic writes: a failed write leaves the previous file intact and no temporary behind."""
+"""Atomic files and folders (a failed write leaves the old state and no temporary), and the canonical digest."""
 from __future__ import annotations
 
 import hashlib
@@ -45,3 +45,25 @@ def test_json_digest_is_canonical_and_truncated():
     assert json_digest({**first, "b": [2, 1]}) != json_digest(first)  # list order is content
     expected = hashlib.sha256(json.dumps(first, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert json_digest(first) == expected  # the keys of caches written before json_digest existed still match
+
+
+def test_atomic_folder_is_whole_or_absent_and_first_complete_cache_stands(tmp_path):
+    from opdf_exp.utils.io import atomic_folder
+
+    target = tmp_path / "cache" / "model"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("killed while writing")
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no half folder, no temporary left
+    with atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("first")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target / "weights").read_text() == "first" and stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+    with atomic_folder(target, replace=False) as tmp:  # a second job filling the same cache: the first stands
+        (tmp / "weights").write_text("second")
+    assert (target / "weights").read_text() == "first"
+    with atomic_folder(target) as tmp:  # a result: the new one replaces the old
+        (tmp / "weights").write_text("third")
+    assert (target / "weights").read_text() == "third" and sorted(p.name for p in target.parent.iterdir()) == ["model"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from opdf_exp.errors import MissingFileError
+from opdf_exp.utils.io import atomic_folder
 
 
 class ByteTokenizer:
@@ -81,10 +82,10 @@ def gguf_package(package: str, gguf_file: str, cache_dir: str | None = None):
     model = LlamaForCausalLM(LlamaConfig.from_dict(values))
     model.load_state_dict(quantised.state_dict())
     model = model.to(torch.float32).eval()
-    if cached is not None:
-        cached.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(cached)
-        tok.save_pretrained(cached)
+    if cached is not None:  # whole or not at all: a concurrent job must never load a half-written folder
+        with atomic_folder(cached, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return model, HFTokenizerAdapter(tok)
 
 

@@ -20,8 +20,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,9 +43,8 @@ from opdf_exp.runner.app import config_digests, job_overrides, previous_result
 from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, trainer_world_size
-from opdf_exp.utils.io import json_digest
 from opdf_exp.utils.distributed import is_global_zero
-from opdf_exp.utils.io import atomic_write_json
+from opdf_exp.utils.io import atomic_folder, atomic_write_json, json_digest
 from opdf_exp.utils.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -83,13 +80,8 @@ def _save_pretrained_atomic(model: torch.nn.Module, tokenizer, folder: Path) -> 
     """Save to a temporary sibling folder, then swap it into place (rank zero only)."""
     if not is_global_zero():
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    with _quiet_hf_progress():
+    with atomic_folder(folder) as tmp, _quiet_hf_progress():
         save_model(model, tmp, tokenizer)  # save_pretrained, or timm's folder layout
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 @contextlib.contextmanager
@@ -259,14 +251,10 @@ def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, us
     metrics = _evaluate(trainer, module, datamodule)
     teacher = module.student
     if use_cache and is_global_zero():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-        (tmp / "model").mkdir()
-        with _quiet_hf_progress():
+        with atomic_folder(cache) as tmp, _quiet_hf_progress():
+            (tmp / "model").mkdir()
             save_model(teacher, tmp / "model")
-        atomic_write_json(tmp / "teacher.json", {"metrics": metrics, "info": info})  # marks the entry done
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)
+            atomic_write_json(tmp / "teacher.json", {"metrics": metrics, "info": info})  # marks the entry done
     return teacher, metrics, info
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from opdf_exp.utils.io import json_digest
+from opdf_exp.utils.io import atomic_folder, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +114,19 @@ class StageReuse:
     def save(self, index: int, student: torch.nn.Module, report: dict, recovery: list, shared: dict,
              output_dir: Path | None) -> Path:
         """Store the job's state after stage ``index`` (atomically: a temporary folder renamed into place)."""
-        from safetensors.torch import save_file
-
         folder = self.folder(index)
         if (folder / "meta.json").exists():
             return folder
-        partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / "files").mkdir(parents=True)
+        with atomic_folder(folder, replace=False) as partial:  # another job storing the same prefix: theirs stands
+            self._fill(partial, index, student, report, recovery, shared, output_dir)
+        log.info("stages up to %s stored in %s", self.stage_names[index], folder)
+        return folder
+
+    def _fill(self, partial: Path, index: int, student: torch.nn.Module, report: dict, recovery: list,
+              shared: dict, output_dir: Path | None) -> None:
+        from safetensors.torch import save_file
+
+        (partial / "files").mkdir()
         # shared storage (tied embeddings) is cloned: safetensors refuses tensors that alias one another
         save_file({k: v.detach().contiguous().clone() for k, v in student.state_dict().items()},
                   str(partial / "student.safetensors"))
@@ -134,12 +138,6 @@ class StageReuse:
                 "attention_layers": list(student.config.attention_layers or []), "report": report,
                 "recovery": recovery, "shared": shared, "rng": rng_state()}
         (partial / "meta.json").write_text(json.dumps(meta, default=str))
-        try:
-            os.replace(partial, folder)
-        except OSError:  # another job stored the same prefix first: theirs is as good
-            shutil.rmtree(partial, ignore_errors=True)
-        log.info("stages up to %s stored in %s", self.stage_names[index], folder)
-        return folder
 
     def restore(self, prefix: StagePrefix, student: torch.nn.Module, rebuild: Callable[[list[int]], torch.nn.Module],
                 output_dir: Path | None) -> torch.nn.Module:

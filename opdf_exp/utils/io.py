@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
@@ -37,6 +39,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.unlink(tmp)
         raise
     return path
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``folder`` to fill; when the block ends without error, move it into
+    place in one rename. Readers see no folder or a complete one, never a half-written one.
+
+    ``replace=True`` (results, saved students) swaps out what is there. ``replace=False`` (caches that concurrent
+    jobs may fill with the same content, e.g. two test workers converting one GGUF) keeps the first complete folder
+    and discards this one. An error inside the block removes the temporary folder and leaves ``folder`` untouched.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; a cache or result reads like any folder
+        if folder.exists() and replace:
+            shutil.rmtree(folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # the folder exists (another process finished first): with replace=False, theirs stands
+            if replace:
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
