@@ -22,10 +22,10 @@ install: ## Create .venv and install the package, pinned deps and the offline mo
 TEST_WORKERS ?= 2
 
 test: ## Run the test suite (offline, skips slow tests; about 5 minutes on 2 cores, TEST_WORKERS=0 runs it serially)
-	$(BIN)/python -m pytest -m "not slow" -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS),)
+	$(BIN)/python -m pytest -m "not slow" -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
 
 test-all: ## Run every test, slow ones included
-	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS),)
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
 
 test-slow: ## Run only the slow tests
 	$(BIN)/python -m pytest -m slow -q

@@ -9,6 +9,9 @@ from opdf_exp.geometry import theory
 from opdf_exp.lit.geometry import train_sae
 from opdf_exp.runner.trainer import StageTrainers
 
+# one worker runs the whole module, so its expensive module-scoped fixture runs once (`make test`: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("geometry_sae")
+
 
 @pytest.fixture(scope="module")
 def planted_measurement():

@@ -19,6 +19,10 @@ from opdf_exp.runner.report import report
 from tests.helpers.glue_fixtures import write_glue_fixtures
 from tests.test_sweeps import _env
 
+# one worker runs the whole module, so its expensive module-scoped fixture runs once (`make test`: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("glue_grid")
+
+
 GRID = ["+experiment=bert_glue", "teacher=tiny_bert", "student.model.num_layers=2", "logger=none",
         "trainer.enable_progress_bar=false", "print_config=false", "trainer.max_steps=3",
         "trainer.val_check_interval=null", "teacher.finetune.trainer.max_steps=2", "data.module.batch_size=16",
