@@ -125,13 +125,17 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
     label, and is paired against KD alone by seed (before, the first one stood for all of them)."""
     sweep = tmp_path / "mrpc"
     scores = {1: (0.70, 0.65, 0.74), 2: (0.72, 0.65, 0.75)}  # acc of KD, OPDF (same rate), OPDF (auto)
+    shares = {1: (0.6, 1.0, 0.7), 2: (0.62, 0.995, None)}  # test/majority_share (None: a result without it)
     for num, (seed, (kd, same, auto)) in enumerate(scores.items()):
         job = sweep / str(num)
         (job / ".hydra").mkdir(parents=True)
         variants = [{"name": name, "label": label, "method": "kd", "decomposition": kind,
-                     "metrics": {f"{name}/test/acc": acc, f"{name}/test/f1": acc}, "params": {"train": 1, "inference": 1}}
-                    for name, label, kind, acc in (("kd", "KD", "none", kd), ("kd_opdf", "KD + OPDF", "mpo", same),
-                                                   ("kd_opdf_auto", "KD + OPDF, auto", "mpo", auto))]
+                     "metrics": {f"{name}/test/acc": acc, f"{name}/test/f1": acc,
+                                 **({f"{name}/test/majority_share": share} if share is not None else {})},
+                     "params": {"train": 1, "inference": 1}}
+                    for name, label, kind, acc, share in (
+                        ("kd", "KD", "none", kd, shares[seed][0]), ("kd_opdf", "KD + OPDF", "mpo", same, shares[seed][1]),
+                        ("kd_opdf_auto", "KD + OPDF, auto", "mpo", auto, shares[seed][2]))]
         atomic_write_json(job / "results.json", {
             "status": "complete", "task_name": "glue_cpu", "overrides": ["data=glue/mrpc", f"seed={seed}"],
             "seed": seed, "metrics": {}, "variants": variants,
@@ -140,6 +144,9 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
     rows = {r["model"]: r for r in glue["rows"]}
     assert set(rows) == {"teacher", "kd alone", "KD + OPDF", "KD + OPDF, auto"}
     assert rows["KD + OPDF, auto"]["score"] == "74.50 ± 0.71"  # MRPC's score: the mean of F1 and accuracy
+    # seeds whose predictions collapsed to one class (>= 99 %), of the seeds that logged the share
+    assert [rows[m]["one-class seeds"] for m in ("kd alone", "KD + OPDF", "KD + OPDF, auto", "teacher")] == \
+        ["0/2", "2/2", "0/1", None]
     paired = {p["comparison"]: p for p in glue["paired"]}
     assert set(paired) == {"KD + OPDF − kd alone", "KD + OPDF, auto − kd alone"}
     assert paired["KD + OPDF, auto − kd alone"]["mean diff"] == "+3.50"

@@ -74,8 +74,9 @@ def test_multi_variant_job_writes_table_params_and_loadable_dense_students(tmp_p
     assert reloaded.config.num_hidden_layers == 3
     metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
     for column in ("kd/train/loss", "kd/train/loss/kd", "kd/train/loss/task", "kd_opdf/train/loss/align",
-                   "teacher/val/acc", "kd_opdf/test/acc"):
+                   "teacher/val/acc", "kd_opdf/test/acc", "kd_opdf/test/majority_share"):
         assert column in metrics.split(","), column
+    assert 0.5 <= rows["kd"]["metrics"]["kd/test/majority_share"] <= 1.0  # two classes: at least half in one
 
     # The experiment file edited after the job finished: one variant's spec changes, one is added. A relaunch
     # reruns the job (its config differs) but retrains only those two; the other rows are reused as they were.

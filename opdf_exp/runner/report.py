@@ -390,6 +390,10 @@ def _glue_entries(job: Job, task: str) -> list[tuple[str, str, str, float, dict,
     return entries
 
 
+ONE_CLASS_SHARE = 0.99  # a student whose test predictions are this much one class has collapsed to it
+ONE_CLASS_COLUMN = "one-class seeds"
+
+
 def glue_tables(jobs: list[Job]) -> dict | None:
     """Per-task and GLUE-average tables over GLUE jobs; None when no job is a GLUE job."""
     from opdf_exp.data.glue_tasks import GLUE_AVERAGE_EXCLUDES, glue_average, glue_task
@@ -399,6 +403,7 @@ def glue_tables(jobs: list[Job]) -> dict | None:
     # same nominal rate, lr_scale=auto, the public setting, an alignment that acts).
     scores: dict[tuple[str, str, str], dict[str, dict[Any, float]]] = {}
     metric_values: dict[tuple[str, ...], dict[str, dict[Any, float]]] = {}
+    majority: dict[tuple[str, ...], dict[Any, float]] = {}  # test/majority_share per seed, where logged
     params: dict[tuple[str, ...], dict] = {}
     for job in sorted(jobs, key=lambda j: str(j.folder)):
         task = _glue_task_of(job)
@@ -411,6 +416,8 @@ def glue_tables(jobs: list[Job]) -> dict | None:
             per_metric = metric_values.setdefault((*row, task), {})
             for name in glue_task(task).metrics:
                 per_metric.setdefault(name, {}).setdefault(seed, float(metrics[f"test/{name}"]))
+            if "test/majority_share" in metrics:
+                majority.setdefault((*row, task), {}).setdefault(seed, float(metrics["test/majority_share"]))
             params.setdefault((*row, task), part_params)
     if not scores:
         return None
@@ -433,12 +440,17 @@ def glue_tables(jobs: list[Job]) -> dict | None:
     per_task = {}
     for task in tasks:
         rows = []
+        logged_majority = any((*row, task) in majority for row in order)
         for row in order:
             if task not in scores[row]:
                 continue
             out = {"model": label(row), "n": len(scores[row][task]), "score": _fmt(pct(scores[row][task]), 2)}
             for name, values in metric_values[(*row, task)].items():
                 out[f"test {name}"] = _fmt(pct(values), 2)
+            if logged_majority:  # seeds whose test predictions are >= 99 % one class, of the seeds that logged it
+                shares = majority.get((*row, task), {})
+                out[ONE_CLASS_COLUMN] = (f"{sum(s >= ONE_CLASS_SHARE for s in shares.values())}/{len(shares)}"
+                                         if shares else None)
             out["train params"] = params[(*row, task)].get("train")
             out["inference params"] = params[(*row, task)].get("inference")
             rows.append(out)
