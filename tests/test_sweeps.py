@@ -166,6 +166,35 @@ def test_bad_sweeps_fail_before_any_job(tmp_path, args, expected):
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(".hydra"))
 
 
+def assert_relocated_relaunch_is_skipped(overrides, folder, stored, caplog):
+    """The same sweep relaunched from another checkout (a frozen worktree, a symlinked path) names the same folder
+    with another string; the checkpoint callback's dirpath holds it. That is the same config: skipped. A result of
+    the old digest format (which hashed the folder) is compared on the other entries."""
+    from omegaconf import open_dict
+
+    from opdf_exp.runner.app import config_digests, run_task
+    from tests.helpers.hydra import compose_job
+
+    alias = folder.parent / f"{folder.name}_elsewhere"
+    alias.symlink_to(folder)
+    with compose_job(overrides, alias) as cfg:
+        assert "callbacks" in config_digests(cfg) and run_task(cfg)["skipped"] is True
+    with compose_job(overrides, folder) as cfg:  # rewrite the result as the old format wrote it, here
+        old = {**stored, "config_digests": config_digests(cfg, location_free=False)}
+    old.pop("config_digests_format")
+    (folder / "results.json").write_text(json.dumps(old))
+    with compose_job(overrides, alias) as cfg:
+        assert config_digests(cfg, location_free=False)["callbacks"] != old["config_digests"]["callbacks"]
+        assert run_task(cfg)["skipped"] is True
+    with compose_job(overrides, alias) as cfg, open_dict(cfg), caplog.at_level("WARNING"):
+        cfg.task.train.lr = float(cfg.task.train.lr) * 2
+        cfg.resume = "overrides"  # kept, but only after naming the entry that differs: task, not the folders
+        assert run_task(cfg)["skipped"] is True
+        assert any("config's task differ" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    (folder / "results.json").write_text(json.dumps(stored))
+
+
 def test_a_finished_job_is_rerun_when_its_config_changed_and_kept_when_told(tmp_path, caplog):
     """The same overrides with an edited config (a YAML value, not an override) do not reuse the finished
     result under resume=auto: the job reruns and the log names the entry that differs. resume=overrides keeps
@@ -182,6 +211,7 @@ def test_a_finished_job_is_rerun_when_its_config_changed_and_kept_when_told(tmp_
     assert "task" in stored["config_digests"] and "paths" not in stored["config_digests"]
     with compose_job(overrides, tmp_path) as cfg:
         assert run_task(cfg)["skipped"] is True
+    assert_relocated_relaunch_is_skipped(overrides, tmp_path, stored, caplog)
     with compose_job(overrides, tmp_path) as cfg, caplog.at_level("WARNING"), open_dict(cfg):
         cfg.task.train.lr = float(cfg.task.train.lr) * 2  # an edited experiment file: the overrides are the same
         cfg.resume = "overrides"

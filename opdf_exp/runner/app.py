@@ -79,13 +79,51 @@ VOLATILE_KEYS = ("hydra", "paths", "logger", "print_config", "resume", "tags")
 VOLATILE_TRAINER_KEYS = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
 
-def config_digests(cfg: DictConfig) -> dict[str, str]:
+# ``results.json -> config_digests_format``: 2 = folders of the job's own location written as placeholders.
+DIGESTS_FORMAT = 2
+
+
+def _job_locations(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(resolved folder, placeholder) for the job's ``paths.*`` folders, longest first (the output folder sits
+    inside the root)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    locations = []
+    for name in ("output_dir", "log_dir", "cache_dir", "data_dir", "root_dir"):
+        try:
+            value = cfg.paths.get(name) if "paths" in cfg else None
+        except OmegaConfBaseException:  # ${hydra:...} outside a running Hydra job
+            continue
+        if value:
+            locations.append((str(value), f"<paths.{name}>"))
+    return sorted(locations, key=lambda pair: -len(pair[0]))
+
+
+def _without_locations(value: Any, locations: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        for folder, placeholder in locations:
+            value = value.replace(folder, placeholder)
+        return value
+    if isinstance(value, dict):
+        return {k: _without_locations(v, locations) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_locations(v, locations) for v in value]
+    return value
+
+
+def config_digests(cfg: DictConfig, location_free: bool = True) -> dict[str, str]:
     """A short hash of each top-level entry of the resolved job config that its result depends on. Stored in
     ``results.json``: a relaunch with the same overrides but an edited experiment file (another rate in a YAML,
-    a new variant) is then told apart from the job that made the result, and each differing entry is named."""
+    a new variant) is then told apart from the job that made the result, and each differing entry is named.
+
+    The job's own folders (``paths.*``: the checkpoint callback's ``dirpath`` is inside the output folder) are
+    hashed as placeholders, so the same sweep relaunched from another checkout or machine (a frozen worktree, a
+    cluster's scratch) is the same config. ``location_free=False`` gives the digests of results written before
+    (``config_digests_format`` absent), which hashed the folders as they were."""
 
     from omegaconf.errors import OmegaConfBaseException
 
+    locations = _job_locations(cfg) if location_free else []
     digests = {}
     for key in cfg:
         if key in VOLATILE_KEYS:
@@ -97,8 +135,15 @@ def config_digests(cfg: DictConfig) -> dict[str, str]:
             value = str(node)
         if key == "trainer" and isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in VOLATILE_TRAINER_KEYS}
-        digests[str(key)] = json_digest(value, 12)
+        digests[str(key)] = json_digest(_without_locations(value, locations), 12)
     return digests
+
+
+def location_bound_entries(cfg: DictConfig) -> set[str]:
+    """Top-level entries whose resolved value names one of the job's folders: what a digest of the old format
+    cannot compare across locations (a result written elsewhere hashed that folder)."""
+    return {key for key, digest in config_digests(cfg, location_free=False).items()
+            if digest != config_digests(cfg, location_free=True).get(key)}
 
 
 def previous_result(output_dir: Path, overrides: list[str] | None = None, path: Path | None = None) -> dict | None:
@@ -116,12 +161,13 @@ def previous_result(output_dir: Path, overrides: list[str] | None = None, path: 
     return payload
 
 
-def completed_result(output_dir: Path, overrides: list[str], digests: dict[str, str] | None = None,
+def completed_result(output_dir: Path, overrides: list[str], cfg: DictConfig | None = None,
                      resume: str = "auto") -> dict | None:
     """The stored result of this job when its folder holds a complete ``results.json`` for the same overrides
-    (a relaunched sweep reuses ``hydra.sweep.dir``) and, with ``resume=auto``, the same config (``digests``);
-    ``None`` otherwise. ``resume=overrides`` keeps a result whose config differs (saying which entries do).
-    Results written before digests were stored are kept."""
+    (a relaunched sweep reuses ``hydra.sweep.dir``) and, with ``resume=auto``, the same config (``cfg``'s
+    :func:`config_digests`); ``None`` otherwise. ``resume=overrides`` keeps a result whose config differs (saying
+    which entries do). Results written before digests were stored are kept; results whose digests hashed the
+    folders (no ``config_digests_format``) are compared on every entry that names no folder."""
     path = output_dir / RESULTS_FILE
     if not path.is_file():
         return None
@@ -132,9 +178,13 @@ def completed_result(output_dir: Path, overrides: list[str], digests: dict[str, 
     if payload.get("status") != "complete" or list(payload.get("overrides", [])) != list(overrides):
         return None
     stored = payload.get("config_digests")
-    if digests is None or stored is None:
+    if cfg is None or stored is None:
         return payload
-    differing = sorted(k for k in set(stored) | set(digests) if stored.get(k) != digests.get(k))
+    if payload.get("config_digests_format") == DIGESTS_FORMAT:
+        digests, unknown = config_digests(cfg), set()
+    else:  # the old format hashed the folders where the job ran: those entries cannot be compared
+        digests, unknown = config_digests(cfg, location_free=False), location_bound_entries(cfg)
+    differing = sorted(k for k in set(stored) | set(digests) if k not in unknown and stored.get(k) != digests.get(k))
     if not differing:
         return payload
     if resume == "overrides":
@@ -168,7 +218,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
                           "overrides and config, resume stages from last.ckpt), resume=overrides (skip on the same "
                           "overrides even if the config changed) or resume=never")
     digests = config_digests(cfg)
-    if resume != "never" and (done := completed_result(output_dir, overrides, digests, resume)) is not None:
+    if resume != "never" and (done := completed_result(output_dir, overrides, cfg, resume)) is not None:
         log.info("skipped: %s already holds a complete %s for these overrides", output_dir, RESULTS_FILE)
         return {**done, "skipped": True}
     # Checked here as well as on the submitting machine: a SLURM job is where its GPUs are known, and a job
@@ -201,6 +251,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
         "world_size": world_size(),
         "output_dir": str(output_dir),
         "config_digests": digests,
+        "config_digests_format": DIGESTS_FORMAT,
     }
     payload.update({k: v for k, v in result.items() if k not in payload and k != "tables"})
     if is_global_zero():
