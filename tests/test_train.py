@@ -109,6 +109,12 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path, tiny_override
     assert torch.load(tmp_path / "second" / "checkpoints" / "student" / "last.ckpt", weights_only=False)["global_step"] == 6
     first = torch.load(last, weights_only=False)
     assert not any(key.startswith("teacher.") for key in first["state_dict"])  # checkpoints hold the student only
+    # the training time counts the run before the checkpoint too (TrainClock), not only the resumed part
+    first_seconds = first["callbacks"]["TrainClock"]["seconds"]
+    assert first_seconds > 0 and result["variants"][0]["train_time_s"] >= round(first_seconds, 1)
+    with compose_job([*common, f"ckpt_path={last}"], tmp_path / "third") as cfg:  # a finished stage, resumed
+        again = run_task(cfg)["variants"][0]
+    assert again["steps"] == 4 and again["train_time_s"] >= round(first_seconds, 1)
 
 
 def test_step_budget_shorter_than_an_epoch_still_validates_and_keeps_a_best_checkpoint(tmp_path, tiny_overrides):

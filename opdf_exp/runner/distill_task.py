@@ -42,7 +42,7 @@ from opdf_exp.models.timm_models import check_class_count, check_input_size
 from opdf_exp.runner.app import config_digests, job_overrides, previous_result
 from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
-from opdf_exp.runner.trainer import build_trainer, trainer_world_size
+from opdf_exp.runner.trainer import build_trainer, train_seconds, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
 from opdf_exp.utils.io import atomic_folder, atomic_write_json, json_digest
 from opdf_exp.utils.tables import write_table
@@ -247,7 +247,7 @@ def _prepare_teacher(cfg: DictConfig, datamodule, loggers: list, cache: Path, us
     if finetune.enabled:
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer))
         _save_last(trainer)
-    info["train_time_s"] = round(time.perf_counter() - started, 1)
+    info["train_time_s"] = round(train_seconds(trainer, fallback=time.perf_counter() - started), 1)
     metrics = _evaluate(trainer, module, datamodule)
     teacher = module.student
     if use_cache and is_global_zero():
@@ -530,7 +530,8 @@ def fit_student(cfg: DictConfig, name: str, prefix: str, module: pl.LightningMod
         trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer, cfg.get("ckpt_path")))
     run = {"steps": int(trainer.global_step),  # before evaluation restores the best checkpoint's counter
            "epochs": int(trainer.current_epoch),  # with DDP each step takes world_size batches: epochs go faster
-           "world_size": int(trainer.world_size), "train_time_s": round(time.perf_counter() - started, 1)}
+           "world_size": int(trainer.world_size),
+           "train_time_s": round(train_seconds(trainer, fallback=time.perf_counter() - started), 1)}
     _save_last(trainer)
     return trainer, run
 

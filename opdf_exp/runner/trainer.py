@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,41 @@ class RestoreRNGState(pl.Callback):
         random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
+class TrainClock(pl.Callback):
+    """Seconds spent in ``fit`` over every run of a stage, kept in its checkpoints.
+
+    Why: a stage resumed from ``last.ckpt`` (a pre-emption, a relaunch) times only its own part; a finished
+    stage that a relaunch resumes just to evaluate reported 0.1 s of training. The time before the checkpoint is
+    carried in it, so :func:`train_seconds` gives the whole stage's training time."""
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds of earlier runs (from the checkpoint this fit resumed) and of this one once done
+        self.fitted = False
+        self._started: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before, self._started, self.fitted = self.seconds(), None, True
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
+
+
+def train_seconds(trainer: pl.Trainer, fallback: float) -> float:
+    """The stage's training time across resumed runs (:class:`TrainClock`); ``fallback`` for a trainer without
+    one."""
+    clock = next((c for c in trainer.callbacks if isinstance(c, TrainClock)), None)
+    return clock.seconds() if clock is not None and clock.fitted else fallback
+
+
 class ValidateAtStepBudget(pl.Callback):
     """A step budget shorter than an epoch would end training before any validation, leaving the best-checkpoint
     callback nothing to rank; this runs the validation loop on the budget's last step (once: an epoch end on
@@ -186,6 +222,7 @@ def build_trainer(cfg: DictConfig, stage: str, prefix: str, loggers: list,
     callbacks = build_callbacks(cfg.get("callbacks"), stage, prefix, trainer_cfg.get("enable_progress_bar", True),
                                 checkpoints=checkpoints and trainer_cfg.get("enable_checkpointing", True) is not False)
     callbacks.append(RestoreRNGState())
+    callbacks.append(TrainClock())
     callbacks.append(CheckpointOnPreemption())
     callbacks += list(extra_callbacks or [])
     max_steps = int(trainer_cfg.get("max_steps") or -1)
