@@ -142,8 +142,8 @@ def config_digests(cfg: DictConfig, location_free: bool = True) -> dict[str, str
 def location_bound_entries(cfg: DictConfig) -> set[str]:
     """Top-level entries whose resolved value names one of the job's folders: what a digest of the old format
     cannot compare across locations (a result written elsewhere hashed that folder)."""
-    return {key for key, digest in config_digests(cfg, location_free=False).items()
-            if digest != config_digests(cfg, location_free=True).get(key)}
+    as_written, location_free = config_digests(cfg, location_free=False), config_digests(cfg)
+    return {key for key, digest in as_written.items() if digest != location_free.get(key)}
 
 
 def previous_result(output_dir: Path, overrides: list[str] | None = None, path: Path | None = None) -> dict | None:
