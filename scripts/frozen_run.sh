@@ -11,8 +11,9 @@
 #   nohup bash scripts/frozen_run.sh subq bash experiments/subquadratic_compare.sh hybrids > /tmp/subq.log 2>&1 &
 #
 # The copy is a git worktree of HEAD (uncommitted changes are not in it) at .frozen/<name>, made afresh when HEAD
-# moved. Its experiments/runs is a link to this checkout's, so results land where `git add` finds them, and
-# OPDF_CACHE_DIR points at this checkout's cache, so fine-tuned teachers and activation caches are shared.
+# moved. Its experiments/runs is a link to this checkout's, so results land where `git add` finds them;
+# .frozen/shared links ../shared, so the copy finds the data where the checkout does; OPDF_CACHE_DIR points at
+# this checkout's cache, so fine-tuned teachers and activation caches are shared.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: bash scripts/frozen_run.sh <name> <command ...>" >&2; exit 2; }
 name=$1; shift
@@ -30,6 +31,10 @@ if [ ! -d "$frozen" ]; then
   git -C "$repo" worktree add --quiet --detach "$frozen" "$head"
   rm -rf "$frozen/experiments/runs"
   ln -s "$repo/experiments/runs" "$frozen/experiments/runs"
+fi
+# ../shared (the real GLUE files, relative in the study scripts: GLUE_DIR=../shared/data/glue) beside the copy too
+if [ -e "$repo/../shared" ] && [ ! -e "$repo/.frozen/shared" ]; then
+  ln -s "$(cd "$repo/../shared" && pwd)" "$repo/.frozen/shared"
 fi
 echo "frozen run '$name' at $(git -C "$frozen" log --oneline -1) in $frozen"
 cd "$frozen"
