@@ -224,3 +224,31 @@ def test_rope_students_generate_with_their_cache_as_one_pass_and_reload(teacher,
         assert not torch.allclose(plain(ids).logits, student(ids).logits, atol=1e-4)
     assert torch.equal(full.argmax(-1), out.sequences[:, ids.shape[1]:])
     torch.testing.assert_close(torch.stack(out.scores, 1), full, rtol=0, atol=1e-4)
+
+
+def test_perplexity_by_position_bins_partition_the_whole_block_score(teacher):
+    """Position bins are a partition: token-weighted, their NLL and KL add up to the whole-block numbers of
+    perplexity_and_kl; a bin is checked against a hand computation of its positions."""
+    import math
+
+    import torch.nn.functional as F
+
+    from opdf_exp.subquadratic import evaluate as ev
+
+    torch.manual_seed(1)
+    student = convert(teacher, "gla")
+    blocks = torch.randint(0, VOCAB, (3, 24))
+    whole = ev.perplexity_and_kl(student, teacher, blocks, batch_size=2)
+    rows = ev.perplexity_by_position(student, teacher, blocks, edges=(1, 8, 16, 24), batch_size=2)
+    assert [r["tokens"] for r in rows] == [3 * 7, 3 * 8, 3 * 8]  # predicted positions 1-7, 8-15, 16-23
+    assert sum(r["tokens"] for r in rows) == whole["eval_tokens"]
+    nll = sum(r["tokens"] * math.log(r["perplexity"]) for r in rows) / whole["eval_tokens"]
+    assert nll == pytest.approx(math.log(whole["perplexity"]), rel=1e-5)
+    kl = sum(r["tokens"] * r["kl_per_token"] for r in rows) / whole["eval_tokens"]
+    assert kl == pytest.approx(whole["kl_per_token"], rel=1e-4)
+    with torch.no_grad():  # the middle bin by hand: predicted positions 8..15 are logits 7..14
+        logp = F.log_softmax(student(input_ids=blocks).logits.float(), -1)[:, 7:15]
+        hand = -logp.gather(-1, blocks[:, 8:16, None])[..., 0].mean().item()
+    assert math.log(rows[1]["perplexity"]) == pytest.approx(hand, rel=1e-5)
+    with pytest.raises(ValueError, match="edges"):
+        ev.perplexity_by_position(student, None, blocks, edges=(0, 24))

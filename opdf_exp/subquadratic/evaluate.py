@@ -47,6 +47,46 @@ def perplexity_and_kl(student: nn.Module, teacher: nn.Module | None, blocks: tor
     return out
 
 
+def perplexity_by_position(student: nn.Module, teacher: nn.Module | None, blocks: torch.Tensor,
+                           edges: Sequence[int], batch_size: int = 4) -> list[dict[str, float]]:
+    """Next-token perplexity (and KL(teacher || student)) per range of positions in (N, T) blocks: one row per
+    ``[edges[i], edges[i+1])``, the position being the predicted token's (1 .. T-1).
+
+    Why: a student that keeps only recent context (a sliding window, a fast-decaying state) can match its teacher
+    on short blocks and fall behind where the context is long; the rows for positions past the training block
+    length show it. With ``edges=(1, T)`` the one row equals :func:`perplexity_and_kl`."""
+    device = next(student.parameters()).device
+    t = blocks.shape[1]
+    if list(edges) != sorted(edges) or edges[0] < 1 or edges[-1] > t:
+        raise ValueError(f"edges {list(edges)} must increase within 1..{t} (the predicted positions)")
+    position = torch.arange(1, t, device=device)  # the predicted token of logit j is token j + 1
+    bins = [((position >= lo) & (position < hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+    sums = [{"nll_s": 0.0, "nll_t": 0.0, "kl": 0.0, "count": 0} for _ in bins]
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device)
+        labels = ids[:, 1:]
+        s = F.log_softmax(student(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
+        nll_s = -s.gather(-1, labels[..., None])[..., 0]  # (B, T-1)
+        if teacher is not None:
+            lt = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+            nll_t = -lt.gather(-1, labels[..., None])[..., 0]
+            kl = (lt.exp() * (lt - s)).sum(-1)  # (B, T-1)
+        for in_bin, acc in zip(bins, sums):
+            acc["nll_s"] += nll_s[:, in_bin].sum().item()
+            acc["count"] += int(in_bin.sum()) * ids.shape[0]
+            if teacher is not None:
+                acc["nll_t"] += nll_t[:, in_bin].sum().item()
+                acc["kl"] += kl[:, in_bin].sum().item()
+    rows = []
+    for (lo, hi), acc in zip(zip(edges[:-1], edges[1:]), sums):
+        n = max(acc["count"], 1)
+        row = {"from": int(lo), "to": int(hi), "tokens": acc["count"], "perplexity": math.exp(acc["nll_s"] / n)}
+        if teacher is not None:
+            row.update(teacher_perplexity=math.exp(acc["nll_t"] / n), kl_per_token=acc["kl"] / n)
+        rows.append(row)
+    return rows
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels are asynchronous: time what ran, not what was queued

@@ -1,0 +1,102 @@
+"""Held-out perplexity and KL by position, on contexts longer than the 128-token training blocks, for the saved
+students of a comparison.
+
+    .venv/bin/python experiments/context_length.py experiments/runs/subquadratic_compare_v2/*
+    .venv/bin/python experiments/context_length.py <run folders> --length 512 --edges 1,64,128,256,512 --blocks 16
+
+Why: every student of `experiments/results/subquadratic_compare_v2.md` is trained and scored on 128-token blocks.
+A student that keeps only recent context (LoLCATs' 64-token softmax window, a fast-decaying state) can match its
+teacher there and fall behind where the context is longer; the rows for positions past 128 show whether it
+does. Each run folder's saved student (``<job>/student``, written by the subquadratic task) and the packaged
+SmolLM2-135M teacher score the same held-out BBC stream (the task's document split, ``data.split_seed``,
+``data.max_train_tokens``), packed into ``--length``-token blocks instead of 128. One thread by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import REPO, header, smollm2_teacher, write_report  # noqa: E402
+
+
+def held_out_blocks(tokenizer, length: int, job: dict):
+    """The job's held-out stream (same articles as its 128-token blocks) packed into ``length``-token blocks."""
+    from opdf_exp.data import lm
+
+    overrides = dict(o.split("=", 1) for o in job.get("overrides", []) if "=" in o)
+    max_tokens = overrides.get("data.max_train_tokens")
+    blocks = lm.pack_blocks(lm.bbc_documents(), tokenizer.encode, tokenizer.eos_token_id, length, 0.1,
+                            int(overrides.get("data.split_seed", 0)), int(max_tokens) if max_tokens else 200_000)
+    return blocks.held_out
+
+
+def label(job: dict) -> str:
+    skip = ("hydra.", "seed=", "task.num_threads", "+experiment=", "task.stages.attention_transfer.cache")
+    overrides = [o for o in job.get("overrides", []) if not o.startswith(skip)]
+    student = next((o.split("=", 1)[1].split("/")[-1] for o in overrides if o.startswith("student=")), "gla")
+    extra = [o for o in overrides if not o.startswith("student=")]
+    if student == "transformer" and "student.init=qkv_copy" in extra:
+        return "teacher control (the teacher through the same stages)"
+    return student + (f" ({', '.join(extra)})" if extra else "") + f", seed {job.get('seed')}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (searched for results.json with a saved student/)")
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--edges", default="1,64,128,256,512", help="position bins (predicted token positions)")
+    parser.add_argument("--blocks", type=int, default=16, help="held-out blocks of --length tokens")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="experiments/results/context_length.md")
+    args = parser.parse_args(argv)
+    started = time.time()
+    import opdf_exp  # noqa: F401  (registers the subquadratic students with transformers)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opdf_exp.subquadratic.evaluate import perplexity_by_position
+
+    torch.set_num_threads(args.threads)
+    edges = [int(e) for e in args.edges.split(",")]
+    jobs = sorted((p.parent for run in args.runs for p in Path(run).rglob("results.json")
+                   if (p.parent / "student" / "config.json").is_file()), key=str)
+    if not jobs:
+        raise SystemExit(f"no results.json with a saved student/ under {args.runs}")
+    teacher, tokenizer = smollm2_teacher()
+    rows, blocks = [], None
+    for folder in jobs:
+        job = json.loads((folder / "results.json").read_text())
+        if blocks is None:
+            blocks = held_out_blocks(tokenizer, args.length, job)[: args.blocks]
+        student = AutoModelForCausalLM.from_pretrained(folder / "student", dtype=torch.float32).eval()
+        with torch.no_grad():
+            bins = perplexity_by_position(student, teacher, blocks, edges)
+        rows.append((label(job), str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder), bins))
+        print(label(job), [round(b["perplexity"], 1) for b in bins], flush=True)
+        del student
+    teacher_bins = rows[0][2]
+    lines = header("Perplexity and KL by position on 512-token held-out contexts", __file__, args.threads,
+                   f"{blocks.shape[0]} held-out BBC blocks of {args.length} tokens (the comparison's held-out "
+                   f"articles); training blocks were 128 tokens.")
+    spans = [f"{b['from']}-{b['to'] - 1}" for b in teacher_bins]
+    lines += ["Perplexity of each predicted position range (the teacher's in the first row), then the ratio to the "
+              "teacher's at the same positions and KL(teacher || student) per token.", "",
+              "| model | " + " | ".join(f"ppl {s}" for s in spans) + " | " + " | ".join(f"/teacher {s}" for s in spans)
+              + " | " + " | ".join(f"KL {s}" for s in spans) + " | run |",
+              "|---" * (3 * len(spans) + 2) + "|",
+              "| teacher | " + " | ".join(f"{b['teacher_perplexity']:.1f}" for b in teacher_bins) + " | "
+              + " | ".join("1.00x" for _ in spans) + " | " + " | ".join("–" for _ in spans) + " | – |"]
+    for name, folder, bins in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{b['perplexity']:.1f}" for b in bins) + " | "
+                     + " | ".join(f"{b['perplexity'] / b['teacher_perplexity']:.2f}x" for b in bins) + " | "
+                     + " | ".join(f"{b['kl_per_token']:.3f}" for b in bins) + f" | `{folder}` |")
+    lines.append("")
+    write_report(args.out, lines, started)
+
+
+if __name__ == "__main__":
+    main()
