@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import REPO, header, smollm2_teacher, write_report  # noqa: E402
+from subquadratic_table import run_labels  # noqa: E402  (the comparison table's run labels)
 
 
 def held_out_blocks(tokenizer, length: int, job: dict):
@@ -32,16 +33,6 @@ def held_out_blocks(tokenizer, length: int, job: dict):
     blocks = lm.pack_blocks(lm.bbc_documents(), tokenizer.encode, tokenizer.eos_token_id, length, 0.1,
                             int(overrides.get("data.split_seed", 0)), int(max_tokens) if max_tokens else 200_000)
     return blocks.held_out
-
-
-def label(job: dict) -> str:
-    skip = ("hydra.", "seed=", "task.num_threads", "+experiment=", "task.stages.attention_transfer.cache")
-    overrides = [o for o in job.get("overrides", []) if not o.startswith(skip)]
-    student = next((o.split("=", 1)[1].split("/")[-1] for o in overrides if o.startswith("student=")), "gla")
-    extra = [o for o in overrides if not o.startswith("student=")]
-    if student == "transformer" and "student.init=qkv_copy" in extra:
-        return "teacher control (the teacher through the same stages)"
-    return student + (f" ({', '.join(extra)})" if extra else "") + f", seed {job.get('seed')}"
 
 
 def main(argv=None) -> None:
@@ -67,16 +58,17 @@ def main(argv=None) -> None:
     if not jobs:
         raise SystemExit(f"no results.json with a saved student/ under {args.runs}")
     teacher, tokenizer = smollm2_teacher()
+    results = [json.loads((folder / "results.json").read_text()) for folder in jobs]
     rows, blocks = [], None
-    for folder in jobs:
-        job = json.loads((folder / "results.json").read_text())
+    for folder, job, name in zip(jobs, results, run_labels(results)):
+        name = f"{name}, seed {job.get('seed')}"
         if blocks is None:
             blocks = held_out_blocks(tokenizer, args.length, job)[: args.blocks]
         student = AutoModelForCausalLM.from_pretrained(folder / "student", dtype=torch.float32).eval()
         with torch.no_grad():
             bins = perplexity_by_position(student, teacher, blocks, edges)
-        rows.append((label(job), str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder), bins))
-        print(label(job), [round(b["perplexity"], 1) for b in bins], flush=True)
+        rows.append((name, str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder), bins))
+        print(name, [round(b["perplexity"], 1) for b in bins], flush=True)
         del student
     teacher_bins = rows[0][2]
     lines = header("Perplexity and KL by position on 512-token held-out contexts", __file__, args.threads,

@@ -47,6 +47,12 @@ def _label(result: dict, common: set[str]) -> str:
     return student.split("/")[-1] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def run_labels(results: list[dict]) -> list[str]:
+    """Each run's label among ``results``: its student and the overrides not shared by all of them."""
+    common = set.intersection(*(set(_overrides(r)) for r in results)) if results else set()
+    return [_label(result, common) for result in results]
+
+
 def _cells(metrics: dict, prefix: str) -> list[str]:
     cells = []
     for _, key, fmt in COLUMNS:
