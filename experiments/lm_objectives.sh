@@ -6,18 +6,23 @@
 # task.stages.reuse=true the first arm of each seed stores them and the other arms start from that student
 # (exactly: runner/stage_reuse.py), so a seed costs one prefix and four stage 3s. One thread per job.
 #   bash experiments/lm_objectives.sh
-#   python -m opdf_exp.report experiments/runs/lm_objectives/gated_deltanet/*
+#   python -m opdf_exp.report experiments/runs/lm_objectives/gated_deltanet
 set -euo pipefail
 STUDENT=${STUDENT:-gated_deltanet}
 ROOT=experiments/runs/lm_objectives/$STUDENT
 COMMON=(+experiment=subquadratic_cpu student=subquadratic/$STUDENT task.stages.attention_transfer.cache=disk
         task.stages.end_to_end.teacher_cache=null task.stages.reuse=true task.num_threads=1)
-run() {  # name, overrides...
+SEEDS=${SEEDS:-1 2 3}
+run() {  # folder, overrides...
   local name=$1; shift
   echo "== $name $(date -u +%FT%TZ)"
   ${DRY:+echo} /usr/bin/time -f "$name: %e s wall, %M KiB max RSS" \
     python -m opdf_exp -m "${COMMON[@]}" "$@" hydra.sweep.dir="$ROOT/$name"
 }
-# seed varies slowest: each seed's first arm stores stages 1-2, the next arms reuse them
-run offline seed=1,2,3 task.stages.end_to_end.divergence=forward_kl,reverse_kl,jsd task.stages.end_to_end.beta=0.5
-run on_policy seed=1,2,3 task.stages.end_to_end.on_policy=0.5
+# One seed at a time, all four arms, so a study stopped part-way leaves whole seeds to pair. Within a seed the
+# first arm stores stages 1-2 and the next arms reuse them.
+for seed in $SEEDS; do
+  run "seed$seed/offline" seed=$seed task.stages.end_to_end.divergence=forward_kl,reverse_kl,jsd \
+    task.stages.end_to_end.beta=0.5
+  run "seed$seed/on_policy" seed=$seed task.stages.end_to_end.on_policy=0.5
+done
