@@ -224,3 +224,32 @@ def test_a_finished_job_is_rerun_when_its_config_changed_and_kept_when_told(tmp_
     assert any("rerun:" in r.getMessage() and "(task differ)" in r.getMessage() for r in caplog.records)
     with compose_job(overrides + ["+resume=sometimes"], tmp_path) as cfg, pytest.raises(Exception, match="resume=overrides"):
         run_task(cfg)
+
+
+def test_a_key_added_at_its_neutral_value_keeps_finished_results(tmp_path, monkeypatch, caplog):
+    """A new option changes its entry's digest. Registered in NEUTRAL_ADDITIONS with the value that reproduces
+    the jobs before it, it keeps their results at that value and reruns them at any other; unregistered, it
+    reruns them (the safe default)."""
+    from omegaconf import open_dict
+
+    from opdf_exp.runner import app
+    from tests.helpers.hydra import compose_job
+
+    overrides = ["+experiment=geometric_toy_smoke", "logger=none"]
+    with compose_job(overrides, tmp_path) as cfg:
+        stored = {"status": "complete", "overrides": overrides, "config_digests": app.config_digests(cfg),
+                  "config_digests_format": app.DIGESTS_FORMAT}
+        (tmp_path / "results.json").write_text(json.dumps(stored))
+        assert app.completed_result(tmp_path, overrides, cfg) is not None
+        with open_dict(cfg):
+            cfg.task.train.new_option = 0  # an option added since, whose 0 is what jobs did before it
+        assert app.completed_result(tmp_path, overrides, cfg) is None  # unregistered: rerun
+        monkeypatch.setattr(app, "NEUTRAL_ADDITIONS", {"task.train.new_option": 0})
+        with caplog.at_level("INFO"):
+            assert app.completed_result(tmp_path, overrides, cfg) is not None
+        assert any("neutral values (task.train.new_option)" in r.getMessage() for r in caplog.records)
+        cfg.task.train.new_option = 1  # the same key at another value changes what the job does
+        assert app.completed_result(tmp_path, overrides, cfg) is None
+        cfg.task.train.new_option = 0
+        cfg.task.train.lr = float(cfg.task.train.lr) * 2  # a real change beside the neutral key still reruns
+        assert app.completed_result(tmp_path, overrides, cfg) is None

@@ -82,6 +82,13 @@ VOLATILE_TRAINER_KEYS = ("default_root_dir", "enable_progress_bar", "enable_mode
 # ``results.json -> config_digests_format``: 2 = folders of the job's own location written as placeholders.
 DIGESTS_FORMAT = 2
 
+# Keys added to the config after results were stored, each with the value that reproduces what jobs did before the
+# key existed. A key changes its top-level entry's digest, so without this every finished job of a study would
+# rerun after any new option. A stored result whose digest matches once such a key (holding exactly that value)
+# is left out is still this job's result. Register each new key with a behaviour-preserving default here; a key
+# whose default changes behaviour must not be listed (those jobs should rerun).
+NEUTRAL_ADDITIONS: dict[str, Any] = {}
+
 
 def _job_locations(cfg: DictConfig) -> list[tuple[str, str]]:
     """(resolved folder, placeholder) for the job's ``paths.*`` folders, longest first (the output folder sits
@@ -111,7 +118,24 @@ def _without_locations(value: Any, locations: list[tuple[str, str]]) -> Any:
     return value
 
 
-def config_digests(cfg: DictConfig, location_free: bool = True) -> dict[str, str]:
+def _without_neutral_additions(key: str, value: Any, additions: dict[str, Any]) -> Any:
+    """``value`` (top-level entry ``key``, resolved) less the nested keys of ``additions`` that hold their neutral
+    value."""
+    for dotted, neutral in additions.items():
+        top, _, rest = dotted.partition(".")
+        if top != key or not rest or not isinstance(value, dict):
+            continue
+        *parents, leaf = rest.split(".")
+        node = value
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            node.pop(leaf)
+    return value
+
+
+def config_digests(cfg: DictConfig, location_free: bool = True,
+                   neutral_additions: dict[str, Any] | None = None) -> dict[str, str]:
     """A short hash of each top-level entry of the resolved job config that its result depends on. Stored in
     ``results.json``: a relaunch with the same overrides but an edited experiment file (another rate in a YAML,
     a new variant) is then told apart from the job that made the result, and each differing entry is named.
@@ -119,7 +143,8 @@ def config_digests(cfg: DictConfig, location_free: bool = True) -> dict[str, str
     The job's own folders (``paths.*``: the checkpoint callback's ``dirpath`` is inside the output folder) are
     hashed as placeholders, so the same sweep relaunched from another checkout or machine (a frozen worktree, a
     cluster's scratch) is the same config. ``location_free=False`` gives the digests of results written before
-    (``config_digests_format`` absent), which hashed the folders as they were."""
+    (``config_digests_format`` absent), which hashed the folders as they were. ``neutral_additions`` (dotted key
+    -> value) leaves those keys out where they hold that value: the digests of the config before they existed."""
 
     from omegaconf.errors import OmegaConfBaseException
 
@@ -135,6 +160,8 @@ def config_digests(cfg: DictConfig, location_free: bool = True) -> dict[str, str
             value = str(node)
         if key == "trainer" and isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in VOLATILE_TRAINER_KEYS}
+        if neutral_additions:
+            value = _without_neutral_additions(str(key), value, neutral_additions)
         digests[str(key)] = json_digest(_without_locations(value, locations), 12)
     return digests
 
@@ -180,11 +207,19 @@ def completed_result(output_dir: Path, overrides: list[str], cfg: DictConfig | N
     stored = payload.get("config_digests")
     if cfg is None or stored is None:
         return payload
-    if payload.get("config_digests_format") == DIGESTS_FORMAT:
-        digests, unknown = config_digests(cfg), set()
-    else:  # the old format hashed the folders where the job ran: those entries cannot be compared
-        digests, unknown = config_digests(cfg, location_free=False), location_bound_entries(cfg)
-    differing = sorted(k for k in set(stored) | set(digests) if k not in unknown and stored.get(k) != digests.get(k))
+    location_free = payload.get("config_digests_format") == DIGESTS_FORMAT
+    # the old format hashed the folders where the job ran: those entries cannot be compared
+    unknown = set() if location_free else location_bound_entries(cfg)
+
+    def differing_entries(additions: dict[str, Any] | None) -> list[str]:
+        digests = config_digests(cfg, location_free=location_free, neutral_additions=additions)
+        return sorted(k for k in set(stored) | set(digests) if k not in unknown and stored.get(k) != digests.get(k))
+
+    differing = differing_entries(None)
+    if differing and NEUTRAL_ADDITIONS and not differing_entries(NEUTRAL_ADDITIONS):
+        log.info("kept %s: its config differs only by keys added since, at their neutral values (%s)", path,
+                 ", ".join(sorted(NEUTRAL_ADDITIONS)))
+        return payload
     if not differing:
         return payload
     if resume == "overrides":
