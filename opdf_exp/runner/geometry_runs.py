@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +233,183 @@ def _device(accelerator: str) -> str:
     return "cpu"
 
 
+@dataclass
+class _FloorCorpus:
+    """The tokenised corpus of a floor study: training and held-out windows (N, seq_len), the documents and their
+    topic names for the probes."""
+    tokenizer: Any
+    docs: list
+    held_docs: list
+    label_names: list[str]
+    train_windows: torch.Tensor
+    eval_windows: torch.Tensor
+
+
+def _check_floor_params(p: dict) -> list[int]:
+    """The student widths, after the checks that need no model (one line each)."""
+    widths = [int(w) for w in theory.check_widths(list(p["students"]["widths"]))]
+    if len(widths) < 2 or min(widths) < 1:
+        raise ConfigError(f"task.students.widths={widths} needs at least two widths >= 1")
+    if p["fit"]["primary"] not in theory.FIT_MODES:
+        raise ConfigError(f"task.fit.primary={p['fit']['primary']} is unknown; use one of {', '.join(theory.FIT_MODES)}")
+    if p["tokenizer"] == "teacher" and not p["teacher"]["pretrained"]:
+        raise ConfigError("task.tokenizer=teacher needs task.teacher.pretrained; use tokenizer=byte or minilm for a "
+                          "teacher trained here")
+    if p["probe"]["enabled"] and p["probe"]["docs"] not in ("all", "heldout"):
+        raise ConfigError(f"task.probe.docs={p['probe']['docs']} is unknown; use all or heldout")
+    return widths
+
+
+def _lm_train_config(section: dict, trainer: dict):
+    from opdf_exp.geometry import distill_lm as lm
+
+    return lm.LMTrainConfig(steps=int(section["steps"]), batch_size=int(section["batch_size"]), lr=float(section["lr"]),
+                            betas=tuple(section["betas"]), weight_decay=float(section["weight_decay"]),
+                            warmup_steps=section["warmup_steps"], eval_every=int(section["eval_every"]),
+                            eval_batches=int(section["eval_batches"]), eval_batch_size=int(section["batch_size"]),
+                            accelerator=trainer["accelerator"], precision=str(trainer["precision"]),
+                            devices=trainer["devices"])
+
+
+def _floor_corpus(p: dict, pretrained_teacher) -> _FloorCorpus:
+    """Tokenizer (the pretrained teacher's unless another is named) and the packed windows of both splits."""
+    from opdf_exp.geometry import distill_lm as lm
+
+    if pretrained_teacher is not None:
+        tokenizer = lm.build_tokenizer(p["teacher"]["pretrained"] if p["tokenizer"] in ("teacher", None)
+                                       else p["tokenizer"])
+    else:
+        tokenizer = lm.build_tokenizer(p["tokenizer"])
+    docs, label_names = _load_corpus(p["corpus"])
+    train_docs, held_docs = lm.split_documents(docs, p["corpus"]["eval_fraction"], p["corpus"]["split_seed"])
+    seq_len = int(p["seq_len"])
+    return _FloorCorpus(tokenizer, docs, held_docs, label_names,
+                        lm.pack_windows(lm.encode_stream(train_docs, tokenizer), seq_len),
+                        lm.pack_windows(lm.encode_stream(held_docs, tokenizer), seq_len))
+
+
+def _train_floor_teacher(p: dict, corpus: _FloorCorpus, trainer: dict, seed: int, make_trainer) -> tuple[Any, list]:
+    """A small GPT-NeoX teacher trained here on the corpus (when no pretrained one is named); its history."""
+    from opdf_exp.geometry import distill_lm as lm
+    from opdf_exp.lit import geometry as lit_geometry
+
+    t, seq_len = p["teacher"], int(p["seq_len"])
+    cfg_t = lm.neox_config(corpus.tokenizer.vocab_size, int(t["width"]), int(t["layers"]), t["heads"],
+                           float(t["ffn_mult"]), float(t["rotary_pct"]), max(seq_len, 128),
+                           corpus.tokenizer.eos_token_id)
+    teacher = lm.build_neox(cfg_t, seed)
+    module = lit_geometry.CausalLMModule(teacher, lr=float(t["train"]["lr"]), betas=tuple(t["train"]["betas"]),
+                                         weight_decay=float(t["train"]["weight_decay"]))
+    history = lit_geometry.fit_lm(module, corpus.train_windows, corpus.eval_windows,
+                                  _lm_train_config(t["train"], trainer), seed, make_trainer, "teacher")
+    return teacher, history
+
+
+def _measure_teacher_features(p: dict, teacher, hook: str, corpus: _FloorCorpus, seed: int, device: str,
+                              make_trainer):
+    """Train the SAE on the hooked layer's activations over ``sae.n_tokens`` training tokens and measure the
+    feature count F, importances and alpha that the floor prediction (Eq. 2) needs. Returns (sae, scale, meas)."""
+    from opdf_exp.geometry import sae as sae_mod
+    from opdf_exp.lit import geometry as lit_geometry
+
+    s, seq_len = p["sae"], int(p["seq_len"])
+    windows = corpus.train_windows
+    n_windows = min(windows.shape[0], int(np.ceil(int(s["n_tokens"]) / seq_len)))
+    pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:n_windows]
+    acts = sae_mod.collect_activations(teacher, hook, (windows[pick[i:i + 32]] for i in range(0, n_windows, 32)),
+                                       max_tokens=int(s["n_tokens"]), device=device)
+    teacher.cpu()
+    sae_cfg = sae_mod.SAETrainConfig(kind=s["kind"], n_latents=int(s["n_latents"]), expansion=s["expansion"],
+                                     k=int(s["k"]), l1_coeff=float(s["l1_coeff"]), aux_k=int(s["aux_k"]),
+                                     aux_coeff=float(s["aux_coeff"]), dead_after_tokens=int(s["dead_after_tokens"]),
+                                     steps=int(s["steps"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
+                                     warmup_steps=int(s["warmup_steps"]), normalize=bool(s["normalize"]),
+                                     alive_threshold=float(s["alive_threshold"]), seed=seed)
+    sae, scale = lit_geometry.train_sae(acts, sae_cfg, make_trainer)
+    return sae, scale, sae_mod.measure(sae, acts, scale, sae_cfg.alive_threshold, device=device)
+
+
+def _train_width_students(p: dict, teacher, widths: list[int], meas, corpus: _FloorCorpus, trainer: dict,
+                          seed: int, make_trainer) -> tuple[list[dict], dict, dict]:
+    """One KD student per width (seed + width), each with its observed floor beside the predicted one. Returns
+    (rows, histories by model name, students by width)."""
+    from opdf_exp.geometry import distill_lm as lm
+    from opdf_exp.lit import geometry as lit_geometry
+
+    t, st = p["teacher"], p["students"]
+    layers = int(st["layers"] or teacher.config.num_hidden_layers)
+    predicted, kept = meas.predicted_floors(widths), meas.kept(widths)
+    rows, histories, students = [], {}, {}
+    for i, w in enumerate(widths):
+        clock = time.perf_counter()
+        cfg_s = lm.neox_config(int(teacher.config.vocab_size), w, layers, None, float(t["ffn_mult"]),
+                               float(t["rotary_pct"]), max(int(p["seq_len"]), 128), corpus.tokenizer.eos_token_id)
+        student = lm.build_neox(cfg_s, seed + w)
+        module = lit_geometry.KDModule(student, teacher, float(st["temperature"]), lr=float(st["train"]["lr"]),
+                                       betas=tuple(st["train"]["betas"]),
+                                       weight_decay=float(st["train"]["weight_decay"]))
+        history = lit_geometry.fit_lm(module, corpus.train_windows, corpus.eval_windows,
+                                      _lm_train_config(st["train"], trainer), seed + w, make_trainer, f"student_{w}")
+        teacher.eval().requires_grad_(False)
+        histories[f"student_{w}"] = history
+        students[w] = student.eval()
+        tail = float(st["floor_tail"])
+        rows.append({"width": w, "params": lm.count_parameters(student), "heads": cfg_s.num_attention_heads,
+                     "kept": int(kept[i]), "dropped": meas.n_alive - int(kept[i]), "predicted": float(predicted[i]),
+                     "observed": lm.floor_of(history, "kd", tail), "kl_t1": lm.floor_of(history, "kl_t1", tail),
+                     "student_ce": lm.floor_of(history, "ce", tail), "time_s": time.perf_counter() - clock})
+        log.info("student d=%d: floor %.4f (predicted L* %.4g, kept %d) (%.1f s)", w, rows[-1]["observed"],
+                 rows[-1]["predicted"], rows[-1]["kept"], rows[-1]["time_s"])
+    return rows, histories, students
+
+
+def _probe_models(p: dict, models: dict, hook: str, sae, scale, corpus: _FloorCorpus, seed: int,
+                  device: str) -> list[dict]:
+    """Linear probes on each model's hooked states: coarse concepts (the document topic, blocks of latents) and
+    fine ones (single SAE latents of the teacher), one row per model and concept."""
+    from opdf_exp.geometry import distill_lm as lm
+    from opdf_exp.geometry import probe as probe_mod
+    from opdf_exp.geometry import sae as sae_mod
+
+    pr = p["probe"]
+    probe_docs = corpus.docs if pr["docs"] == "all" else corpus.held_docs
+    windows, labels, owners = lm.document_windows(probe_docs, corpus.tokenizer, int(p["seq_len"]),
+                                                  int(pr["windows_per_doc"]))
+    token_pick = np.sort(np.random.default_rng(seed).choice(
+        windows.shape[0], min(int(pr["token_windows"]), windows.shape[0]), replace=False))
+    doc_states, token_states = {}, {}
+    for name, model in models.items():
+        h = probe_mod.hidden_states(model.to(device), hook, windows, device=device)  # (N, seq_len, d)
+        model.cpu()
+        doc_states[name] = probe_mod.pool_by_group(h.mean(1), owners)
+        token_states[name] = h[torch.as_tensor(token_pick)]
+    _, doc_labels = np.unique(owners, return_index=True)
+    teacher_states = token_states["teacher"]
+    z = sae_mod.latent_codes(sae, teacher_states.reshape(-1, teacher_states.shape[-1]), scale, device=device)
+    order = np.argsort(-z.square().mean(0).numpy(), kind="stable")
+    concepts = probe_mod.topic_concepts(labels[doc_labels], corpus.label_names) + probe_mod.latent_concepts(
+        z, order, int(pr["n_fine"]), int(pr["n_blocks"]), int(pr["block_size"]), float(pr["min_rate"]))
+    return probe_mod.run_probes(doc_states, token_states, concepts, seed, int(pr["max_per_class"]))
+
+
+def _probe_summary(probe_rows: list[dict], teacher_width: int, widths: list[int]) -> list[dict]:
+    """Mean probe accuracy per model and concept family (topic, latent block, single latent)."""
+    families = {"topic": "coarse_topic", "block": "coarse_block", "latent": "fine_latent"}
+    rows = []
+    for model in ["teacher"] + [f"student_{w}" for w in widths]:
+        row = {"model": model, "width": teacher_width if model == "teacher" else int(model.split("_")[1])}
+        for family, column in families.items():
+            accs = [r["accuracy"] for r in probe_rows if r["model"] == model
+                    and r["concept"].startswith(family + ":") and np.isfinite(r["accuracy"])]
+            row[column] = float(np.mean(accs)) if accs else float("nan")
+        rows.append(row)
+    return rows
+
+
 def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int = 0, *, make_trainer) -> dict:
     """Teacher -> SAE measurement -> students at every width -> observed vs predicted floors -> probes."""
     from opdf_exp.geometry import distill_lm as lm
     from opdf_exp.geometry import sae as sae_mod
-    from opdf_exp.lit import geometry as lit_geometry
 
     params = dict(params or {})
     # the job's trainer group (accelerator, precision, devices) decides where models are evaluated
@@ -244,58 +417,23 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
     p = merge_params(FLOOR_DEFAULTS, params)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    widths = [int(w) for w in theory.check_widths(list(p["students"]["widths"]))]
-    if len(widths) < 2 or min(widths) < 1:
-        raise ConfigError(f"task.students.widths={widths} needs at least two widths >= 1")
-    fit_primary = p["fit"]["primary"]
-    if fit_primary not in theory.FIT_MODES:
-        raise ConfigError(f"task.fit.primary={fit_primary} is unknown; use one of {', '.join(theory.FIT_MODES)}")
-    if p["tokenizer"] == "teacher" and not p["teacher"]["pretrained"]:
-        raise ConfigError("task.tokenizer=teacher needs task.teacher.pretrained; use tokenizer=byte or minilm for a "
-                          "teacher trained here")
+    widths = _check_floor_params(p)
     device = _device(trainer["accelerator"])
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with torch_threads(p["num_threads"]):
-        # 1. teacher and tokenizer (a pretrained teacher is resolved first: offline, this fails in a second)
-        t = p["teacher"]
-        pretrained = t["pretrained"]
-        if pretrained:
-            teacher = lm.load_pretrained_lm(pretrained, override_key="task.teacher.pretrained")
-            tok_spec = pretrained if p["tokenizer"] in ("teacher", None) else p["tokenizer"]
-            tokenizer = lm.build_tokenizer(tok_spec)
-        else:
-            tokenizer = lm.build_tokenizer(p["tokenizer"])
-        docs, label_names = _load_corpus(p["corpus"])
-        train_docs, held_docs = lm.split_documents(docs, p["corpus"]["eval_fraction"], p["corpus"]["split_seed"])
-        seq_len = int(p["seq_len"])
-        train_windows = lm.pack_windows(lm.encode_stream(train_docs, tokenizer), seq_len)
-        eval_windows = lm.pack_windows(lm.encode_stream(held_docs, tokenizer), seq_len)
+        # 1. teacher and corpus (a pretrained teacher is resolved first: offline, this fails in a second)
+        pretrained = p["teacher"]["pretrained"]
+        teacher = lm.load_pretrained_lm(pretrained, override_key="task.teacher.pretrained") if pretrained else None
+        corpus = _floor_corpus(p, teacher)
         timings["data_s"] = time.perf_counter() - started
-
-        def train_cfg(section: dict) -> lm.LMTrainConfig:
-            return lm.LMTrainConfig(steps=int(section["steps"]), batch_size=int(section["batch_size"]),
-                                    lr=float(section["lr"]), betas=tuple(section["betas"]),
-                                    weight_decay=float(section["weight_decay"]), warmup_steps=section["warmup_steps"],
-                                    eval_every=int(section["eval_every"]), eval_batches=int(section["eval_batches"]),
-                                    eval_batch_size=int(section["batch_size"]), accelerator=trainer["accelerator"],
-                                    precision=str(trainer["precision"]), devices=trainer["devices"])
-
         clock = time.perf_counter()
         teacher_history: list = []
-        if not pretrained:
-            cfg_t = lm.neox_config(tokenizer.vocab_size, int(t["width"]), int(t["layers"]), t["heads"],
-                                   float(t["ffn_mult"]), float(t["rotary_pct"]), max(seq_len, 128),
-                                   tokenizer.eos_token_id)
-            teacher = lm.build_neox(cfg_t, seed)
-            module = lit_geometry.CausalLMModule(teacher, lr=float(t["train"]["lr"]), betas=tuple(t["train"]["betas"]),
-                                       weight_decay=float(t["train"]["weight_decay"]))
-            teacher_history = lit_geometry.fit_lm(module, train_windows, eval_windows, train_cfg(t["train"]), seed,
-                                                  make_trainer, "teacher")
+        if teacher is None:
+            teacher, teacher_history = _train_floor_teacher(p, corpus, trainer, seed, make_trainer)
         teacher.eval().requires_grad_(False).to(device)
-        teacher_width = int(teacher.config.hidden_size)
-        teacher_layers = int(teacher.config.num_hidden_layers)
-        teacher_ce = lm.evaluate_lm(teacher, eval_windows, 16, max_batches=16, device=device)
+        teacher_width, teacher_layers = int(teacher.config.hidden_size), int(teacher.config.num_hidden_layers)
+        teacher_ce = lm.evaluate_lm(teacher, corpus.eval_windows, 16, max_batches=16, device=device)
         timings["teacher_s"] = time.perf_counter() - clock
         log.info("teacher ready: d=%d, %d layers, held-out CE %.4f (%.1f s)", teacher_width, teacher_layers, teacher_ce,
                  timings["teacher_s"])
@@ -304,94 +442,35 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
         clock = time.perf_counter()
         hook = p["hook"]["module"] or f"gpt_neox.layers.{int(p['hook']['layer'])}"
         sae_mod.resolve_module(teacher, hook)
-        s = p["sae"]
-        gen = torch.Generator().manual_seed(seed)
-        n_windows = min(train_windows.shape[0], int(np.ceil(int(s["n_tokens"]) / seq_len)))
-        pick = torch.randperm(train_windows.shape[0], generator=gen)[:n_windows]
-        acts = sae_mod.collect_activations(teacher, hook, (train_windows[pick[i:i + 32]] for i in range(0, n_windows, 32)),
-                                           max_tokens=int(s["n_tokens"]), device=device)
-        teacher.cpu()
-        sae_cfg = sae_mod.SAETrainConfig(kind=s["kind"], n_latents=int(s["n_latents"]), expansion=s["expansion"],
-                                         k=int(s["k"]), l1_coeff=float(s["l1_coeff"]), aux_k=int(s["aux_k"]),
-                                         aux_coeff=float(s["aux_coeff"]), dead_after_tokens=int(s["dead_after_tokens"]),
-                                         steps=int(s["steps"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
-                                         warmup_steps=int(s["warmup_steps"]), normalize=bool(s["normalize"]),
-                                         alive_threshold=float(s["alive_threshold"]), seed=seed)
-        sae, scale = lit_geometry.train_sae(acts, sae_cfg, make_trainer)
-        meas = sae_mod.measure(sae, acts, scale, sae_cfg.alive_threshold, device=device)
-        predicted = meas.predicted_floors(widths)
-        kept = meas.kept(widths)
+        sae, scale, meas = _measure_teacher_features(p, teacher, hook, corpus, seed, device, make_trainer)
         timings["sae_s"] = time.perf_counter() - clock
         log.info("SAE on %s: F=%d alive of %d, L0=%.2f, alpha=%.5f, g=%.3f, d*=%.1f, FVU=%.3f (%.1f s)", hook,
                  meas.n_alive, meas.n_latents, meas.l0, meas.alpha, meas.g, meas.d_star, meas.fvu, timings["sae_s"])
 
         # 3. students
-        st = p["students"]
-        layers = int(st["layers"] or teacher_layers)
-        results = []
-        histories = {"teacher": teacher_history}
-        student_models = {}
-        for w in widths:
-            clock = time.perf_counter()
-            cfg_s = lm.neox_config(int(teacher.config.vocab_size), w, layers, None, float(t["ffn_mult"]),
-                                   float(t["rotary_pct"]), max(seq_len, 128), tokenizer.eos_token_id)
-            student = lm.build_neox(cfg_s, seed + w)
-            module = lit_geometry.KDModule(student, teacher, float(st["temperature"]), lr=float(st["train"]["lr"]),
-                                 betas=tuple(st["train"]["betas"]), weight_decay=float(st["train"]["weight_decay"]))
-            history = lit_geometry.fit_lm(module, train_windows, eval_windows, train_cfg(st["train"]), seed + w,
-                                          make_trainer, f"student_{w}")
-            teacher.eval().requires_grad_(False)
-            histories[f"student_{w}"] = history
-            student_models[w] = student.eval()
-            results.append({"width": w, "params": lm.count_parameters(student), "heads": cfg_s.num_attention_heads,
-                            "kept": int(kept[len(results)]), "dropped": meas.n_alive - int(kept[len(results)]),
-                            "predicted": float(predicted[len(results)]),
-                            "observed": lm.floor_of(history, "kd", float(st["floor_tail"])),
-                            "kl_t1": lm.floor_of(history, "kl_t1", float(st["floor_tail"])),
-                            "student_ce": lm.floor_of(history, "ce", float(st["floor_tail"])),
-                            "time_s": time.perf_counter() - clock})
-            log.info("student d=%d: floor %.4f (predicted L* %.4g, kept %d) (%.1f s)", w, results[-1]["observed"],
-                     results[-1]["predicted"], results[-1]["kept"], results[-1]["time_s"])
+        results, histories, students = _train_width_students(p, teacher, widths, meas, corpus, trainer, seed,
+                                                             make_trainer)
+        histories = {"teacher": teacher_history, **histories}
         timings["students_s"] = sum(r["time_s"] for r in results)
 
-        # 4. calibration
-        obs = np.array([r["observed"] for r in results])
-        pred = np.array([r["predicted"] for r in results])
-        fits = {mode: theory.fit_floor(pred, obs, mode, widths=widths) for mode in theory.FIT_MODES}
-        rho = theory.spearman_rho(pred, obs)
-        monotone = bool(np.all(np.diff(obs[np.argsort(widths)]) <= 0))
-
-        # 5. probes
+        # 4. probes
         probe_rows: list[dict] = []
         if p["probe"]["enabled"]:
             clock = time.perf_counter()
-            from opdf_exp.geometry import probe as probe_mod
-
-            pr = p["probe"]
-            if pr["docs"] not in ("all", "heldout"):
-                raise ConfigError(f"task.probe.docs={pr['docs']} is unknown; use all or heldout")
-            probe_docs = docs if pr["docs"] == "all" else held_docs
-            windows, labels, owners = lm.document_windows(probe_docs, tokenizer, seq_len, int(pr["windows_per_doc"]))
-            pick_gen = np.random.default_rng(seed)
-            token_pick = np.sort(pick_gen.choice(windows.shape[0], min(int(pr["token_windows"]), windows.shape[0]),
-                                                 replace=False))
-            models = {"teacher": teacher, **{f"student_{w}": m for w, m in student_models.items()}}
-            doc_states, token_states = {}, {}
-            for name, model in models.items():
-                h = probe_mod.hidden_states(model.to(device), hook, windows, device=device)
-                model.cpu()
-                doc_states[name] = probe_mod.pool_by_group(h.mean(1), owners)
-                token_states[name] = h[torch.as_tensor(token_pick)]
-            _, doc_labels = np.unique(owners, return_index=True)
-            z = sae_mod.latent_codes(sae, token_states["teacher"].reshape(-1, teacher_width), scale, device=device)
-            order = np.argsort(-z.square().mean(0).numpy(), kind="stable")
-            concepts = probe_mod.topic_concepts(labels[doc_labels], label_names) + probe_mod.latent_concepts(
-                z, order, int(pr["n_fine"]), int(pr["n_blocks"]), int(pr["block_size"]), float(pr["min_rate"]))
-            probe_rows = probe_mod.run_probes(doc_states, token_states, concepts, seed, int(pr["max_per_class"]))
+            models = {"teacher": teacher, **{f"student_{w}": m for w, m in students.items()}}
+            probe_rows = _probe_models(p, models, hook, sae, scale, corpus, seed, device)
             timings["probes_s"] = time.perf_counter() - clock
     wall = time.perf_counter() - started
 
+    # 5. calibration: observed floors against the predicted ones
+    obs = np.array([r["observed"] for r in results])
+    pred = np.array([r["predicted"] for r in results])
+    fits = {mode: theory.fit_floor(pred, obs, mode, widths=widths) for mode in theory.FIT_MODES}
+    rho = theory.spearman_rho(pred, obs)
+    monotone = bool(np.all(np.diff(obs[np.argsort(widths)]) <= 0))
+
     # 6. artifacts
+    s, st, fit_primary = p["sae"], p["students"], p["fit"]["primary"]
     tables: dict[str, str] = {}
     floor_columns = ["width", "params", "heads", "kept", "dropped", "predicted", "observed", "kl_t1", "student_ce",
                      "time_s"]
@@ -406,25 +485,18 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
                                              "importance_slope", "top10_share", "n_tokens"], digits=4)
     atomic_write_json(out / "sae_measurement.json", {**summary, "importances": meas.importances.tolist()})
     atomic_write_json(out / "histories.json", histories)
+    agg: list[dict] = []
     if probe_rows:
         write_table(probe_rows, out / "probes", digits=3)
-        agg = []
-        for model in ["teacher"] + [f"student_{w}" for w in widths]:
-            row = {"model": model, "width": teacher_width if model == "teacher" else int(model.split("_")[1])}
-            for fam in ("topic", "block", "latent"):
-                accs = [r["accuracy"] for r in probe_rows if r["model"] == model and r["concept"].startswith(fam + ":")
-                        and np.isfinite(r["accuracy"])]
-                row[{"topic": "coarse_topic", "block": "coarse_block", "latent": "fine_latent"}[fam]] = (
-                    float(np.mean(accs)) if accs else float("nan"))
-            agg.append(row)
+        agg = _probe_summary(probe_rows, teacher_width, widths)
         tables["probe_accuracy_vs_width"] = write_table(agg, out / "probe_summary", digits=3)
     figures = {}
     if p["plots"]:
         from opdf_exp.geometry import plots
 
         figures["floor"] = str(plots.plot_lm_floor(
-            widths, obs, pred, {m: f.as_dict() for m, f in fits.items()}, meas.importances, kept, meas.d_star,
-            out / "floor_vs_width.png",
+            widths, obs, pred, {m: f.as_dict() for m, f in fits.items()}, meas.importances, meas.kept(widths),
+            meas.d_star, out / "floor_vs_width.png",
             f"KD floors vs Eq. 2 (teacher d={teacher_width}, F={meas.n_alive}, alpha={meas.alpha:.4f}, d*={meas.d_star:.1f})"))
         if probe_rows:
             model_widths = {"teacher": teacher_width, **{f"student_{w}": w for w in widths}}
@@ -438,12 +510,11 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
     for r in results:
         metrics[f"floor_w{r['width']}"] = r["observed"]
         metrics[f"pred_w{r['width']}"] = r["predicted"]
-    if probe_rows:
-        for row in agg:
-            for key in ("coarse_topic", "coarse_block", "fine_latent"):
-                metrics[f"probe_{key}_{row['model']}"] = row[key]
+    for row in agg:
+        for key in ("coarse_topic", "coarse_block", "fine_latent"):
+            metrics[f"probe_{key}_{row['model']}"] = row[key]
     params_out = {"teacher": pretrained or f"gpt_neox d={teacher_width} L={teacher_layers} (trained here)",
-                  "tokenizer": getattr(tokenizer, "name", str(p["tokenizer"])), "hook": hook, "widths": widths,
+                  "tokenizer": getattr(corpus.tokenizer, "name", str(p["tokenizer"])), "hook": hook, "widths": widths,
                   "fit_primary": fit_primary, "sae": s, "temperature": st["temperature"]}
     atomic_write_json(out / "floor_summary.json", {"metrics": metrics, "params": params_out, "figures": figures})
     return {"metrics": finite_metrics(metrics), "params": params_out, "tables": tables, "figures": figures}
