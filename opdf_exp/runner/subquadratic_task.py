@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -448,6 +449,101 @@ def stage_data(cfg: DictConfig, name: str, stage_cfg: dict, student, teacher, bl
     return loader, stage_val, report, (-1 if stage_cfg.get("max_steps") else epochs)
 
 
+@dataclass
+class _StageRun:
+    """What every stage of one job shares: the config, the teacher, the held-out blocks (the validation loader
+    and the recovery curve's blocks), the loggers, and the recovery points measured so far."""
+    cfg: DictConfig
+    teacher: Any
+    held_out: torch.Tensor
+    val: DataLoader
+    batch_size: int
+    loggers: list
+    curve_blocks: int
+    recovery: list
+    output_dir: Path | None
+    fresh_attention: bool
+
+
+def _skip_reason(name: str, share: float, blocks: torch.Tensor, enabled: bool, student) -> dict | None:
+    """The report of a stage that does not run, or None when it runs."""
+    if share == 0 or blocks.shape[0] == 0:
+        return {"skipped": True, "blocks": 0}
+    if not enabled:  # a control: the stage is left out, every other stage keeps its slice and budget
+        return {"skipped": "enabled=false", "blocks": int(blocks.shape[0])}
+    if name == "attention_transfer" and not student.mixers():
+        # the Transformer student has no mixer to transfer into; its slice is left unused so that every student
+        # sees the same tokens in stages 2 and 3
+        return {"skipped": "no token-mixer layers", "blocks": int(blocks.shape[0])}
+    return None
+
+
+def _set_stage_train_mode(run: _StageRun, name: str, stage_cfg: dict, student) -> dict:
+    """Freeze what the stage leaves alone (``train``: mixers | lora | all; pops ``train`` and ``lora``); the
+    report's ``train`` and ``params_*`` entries. Stage 1 trains the mixers by construction."""
+    train_mode, lora = str(stage_cfg.pop("train", "all")), stage_cfg.pop("lora", None)
+    if name == "attention_transfer":
+        return {}
+    if not student.mixers() and (train_mode == "mixers" or train_mode == "lora" and run.fresh_attention):
+        # the Transformer student: no mixer to train alone; with its attention freshly initialised (the baseline)
+        # nothing may stay frozen either. The teacher itself (init=qkv_copy) keeps its LoRA.
+        log.warning("%s: the student has no token mixers%s; train=%s falls back to train=all", name,
+                    " and fresh attention" if run.fresh_attention else "", train_mode)
+        train_mode = "all"
+    from opdf_exp.subquadratic.adapters import set_train_mode
+
+    return {"train": train_mode, **{f"params_{k}": v for k, v in set_train_mode(student, train_mode, lora).items()}}
+
+
+def fit_stage(run: _StageRun, name: str, stage_cfg: dict, student, blocks: torch.Tensor,
+              decomposition: Stage3Decomposition | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Fit one stage on its slice ``blocks`` (N, block_size) with its own optimizer, schedule and Trainer; leave
+    the student plain (adapters merged, MPO contracted) and in eval mode. Returns the stage's report and, for
+    stage 3 with a decomposition, the decomposition's (contraction included)."""
+    from opdf_exp.runner.trainer import build_trainer
+
+    stage_cfg = dict(stage_cfg)
+    stage_cfg.pop("enabled", None)
+    eval_every = int(stage_cfg.pop("eval_every", 0) or 0)
+    max_steps = stage_cfg.get("max_steps")
+    epochs = int(stage_cfg.get("epochs", 1) or 1)
+    extra = decomposition.apply(student) if decomposition is not None and name == "end_to_end" else {}
+    started = time.perf_counter()
+    loader, stage_val, cached, epochs = stage_data(run.cfg, name, stage_cfg, student, run.teacher, blocks, run.val,
+                                                   run.batch_size, epochs, extra)
+    trained = _set_stage_train_mode(run, name, stage_cfg, student)
+    module = _stage_module(name, student, run.teacher, stage_cfg, f"{name}/", **extra)
+    overrides = {"max_steps": int(max_steps) if max_steps else -1, "max_epochs": epochs,
+                 "val_check_interval": None, "check_val_every_n_epoch": 1}
+    if module.manual:
+        overrides["gradient_clip_val"] = None  # the layer-wise stages clip themselves (manual optimisation)
+    if "cache" in cached and max_steps:  # validate once, at the end, not after every pass over a small cache
+        overrides.update(check_val_every_n_epoch=None, val_check_interval=int(max_steps))
+    curve = RecoveryCurve(name, run.teacher, run.held_out[:run.curve_blocks], eval_every,
+                          run.batch_size * blocks.shape[1], run.recovery) if run.curve_blocks else None
+    trainer = build_trainer(run.cfg, name, f"{name}/", run.loggers, overrides, checkpoints=False,
+                            extra_callbacks=[curve] if curve else None)
+    trainer.fit(module, loader, stage_val)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
+    if trained:
+        from opdf_exp.subquadratic.adapters import merge_adapters
+
+        merge_adapters(student)  # a plain model again for the next stage, the evaluation and the save
+    report = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
+              "tokens_seen": int(trainer.global_step * run.batch_size * blocks.shape[1]),
+              "seconds": round(time.perf_counter() - started, 2), **cached, **trained, **metrics}
+    if getattr(module, "curve", None):
+        report["curve"] = [{"step": p["step"], "mean": sum(p["errors"].values()) / len(p["errors"]),
+                            "layers": {str(i): e for i, e in p["errors"].items()}} for p in module.curve]
+        write_stage1_curve(module.curve, run.output_dir)
+    decomposed = decomposition.export(student) if decomposition is not None and name == "end_to_end" else None
+    student.eval()
+    if curve is not None:  # after the stage (adapters merged, MPO contracted): the deployable student
+        curve.measure(student, trainer.global_step, curve._offset)
+        report.update(perplexity=run.recovery[-1]["perplexity"], kl_per_token=run.recovery[-1]["kl"])
+    return report, decomposed
+
+
 def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, held_out: torch.Tensor,
                stages_cfg: dict, batch_size: int, loggers: list, after_stage1=None,
                decomposition: Stage3Decomposition | None = None, output_dir: Path | None = None,
@@ -461,14 +557,13 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
     after every stage but the last is stored. ``fresh_attention``: the student's softmax attention was
     re-initialised (the Transformer baseline), so its later stages train everything."""
     from opdf_exp.data.lm import parse_splits, split_blocks
-    from opdf_exp.runner.trainer import build_trainer
 
     shares = parse_splits(stages_cfg["splits"])
     slices = split_blocks(train_blocks, shares)
     val = DataLoader(_BlockDataset(held_out[: int(stages_cfg.get("val_blocks", 16))]), batch_size=batch_size)
+    run = _StageRun(cfg, teacher, held_out, val, batch_size, loggers, int(stages_cfg.get("curve_blocks", 0) or 0),
+                    [], output_dir, fresh_attention)
     report: dict[str, Any] = {}
-    recovery: list[dict] = []
-    curve_blocks = int(stages_cfg.get("curve_blocks", 0) or 0)
     names = list(shares)
     enabled = {n: bool((stages_cfg.get(n) or {}).get("enabled", True)) for n in names}
     last = max((i for i, n in enumerate(names) if shares[n] > 0 and slices[n].shape[0] > 0 and enabled[n]),
@@ -477,87 +572,31 @@ def run_stages(cfg: DictConfig, student, teacher, train_blocks: torch.Tensor, he
     if prefix is not None:
         student = reuse.restore(prefix, student, rebuild, output_dir)
         report.update(prefix.report)
-        recovery.extend(prefix.recovery)
+        run.recovery.extend(prefix.recovery)
         if shared is not None:
             shared.update(prefix.shared)
         for name in names[: prefix.index + 1]:
             report[name]["reused_from"] = str(reuse.folder(prefix.index))
-    elif curve_blocks:  # the converted (and calibrated) student before any training
-        RecoveryCurve("conversion", teacher, held_out[:curve_blocks], 0, 0, recovery).measure(student, 0, 0)
+    elif run.curve_blocks:  # the converted (and calibrated) student before any training
+        RecoveryCurve("conversion", teacher, held_out[:run.curve_blocks], 0, 0, run.recovery).measure(student, 0, 0)
     for index, (name, share) in enumerate(shares.items()):
         if prefix is not None and index <= prefix.index:
             continue
         if name == "hidden_alignment" and after_stage1 is not None:
             student = after_stage1(student)
-        blocks = slices[name]
-        if share == 0 or blocks.shape[0] == 0:
-            report[name] = {"skipped": True, "blocks": 0}
+        skipped = _skip_reason(name, share, slices[name], enabled[name], student)
+        if skipped is not None:
+            report[name] = skipped
             continue
-        if not enabled[name]:  # a control: the stage is left out, every other stage keeps its slice and budget
-            report[name] = {"skipped": "enabled=false", "blocks": int(blocks.shape[0])}
-            continue
-        if name == "attention_transfer" and not student.mixers():
-            # the Transformer student has no mixer to transfer into; its slice is left unused so that every
-            # student sees the same tokens in stages 2 and 3
-            report[name] = {"skipped": "no token-mixer layers", "blocks": int(blocks.shape[0])}
-            continue
-        stage_cfg = dict(stages_cfg.get(name) or {})
-        stage_cfg.pop("enabled", None)
-        stage_cfg_all = {"eval_every": stage_cfg.pop("eval_every", 0)}
-        max_steps = stage_cfg.get("max_steps")
-        epochs = int(stage_cfg.get("epochs", 1) or 1)
-        extra = decomposition.apply(student) if decomposition is not None and name == "end_to_end" else {}
-        started = time.perf_counter()
-        loader, stage_val, cached, epochs = stage_data(cfg, name, stage_cfg, student, teacher, blocks, val,
-                                                       batch_size, epochs, extra)
-        train_mode, lora = str(stage_cfg.pop("train", "all")), stage_cfg.pop("lora", None)
-        if not student.mixers() and (train_mode == "mixers" or train_mode == "lora" and fresh_attention):
-            # the Transformer student: no mixer to train alone; with its attention freshly initialised (the
-            # baseline) nothing may stay frozen either. The teacher itself (init=qkv_copy) keeps its LoRA.
-            log.warning("%s: the student has no token mixers%s; train=%s falls back to train=all", name,
-                        " and fresh attention" if fresh_attention else "", train_mode)
-            train_mode = "all"
-        trained = {}
-        if name != "attention_transfer":  # stage 1 trains the mixers by construction
-            from opdf_exp.subquadratic.adapters import set_train_mode
-
-            trained = {"train": train_mode, **{f"params_{k}": v for k, v in
-                                               set_train_mode(student, train_mode, lora).items()}}
-        module = _stage_module(name, student, teacher, stage_cfg, f"{name}/", **extra)
-        overrides = {"max_steps": int(max_steps) if max_steps else -1, "max_epochs": epochs,
-                     "val_check_interval": None, "check_val_every_n_epoch": 1}
-        if module.manual:
-            overrides["gradient_clip_val"] = None  # the layer-wise stages clip themselves (manual optimisation)
-        if "cache" in cached and max_steps:  # validate once, at the end, not after every pass over a small cache
-            overrides.update(check_val_every_n_epoch=None, val_check_interval=int(max_steps))
-        curve = RecoveryCurve(name, teacher, held_out[:curve_blocks], int(stage_cfg_all.get("eval_every") or 0),
-                              batch_size * blocks.shape[1], recovery) if curve_blocks else None
-        trainer = build_trainer(cfg, name, f"{name}/", loggers, overrides, checkpoints=False,
-                                extra_callbacks=[curve] if curve else None)
-        trainer.fit(module, loader, stage_val)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{name}/")}
-        if trained:
-            from opdf_exp.subquadratic.adapters import merge_adapters
-
-            merge_adapters(student)  # a plain model again for the next stage, the evaluation and the save
-        report[name] = {"blocks": int(blocks.shape[0]), "tokens": int(blocks.numel()), "steps": trainer.global_step,
-                        "tokens_seen": int(trainer.global_step * batch_size * blocks.shape[1]),
-                        "seconds": round(time.perf_counter() - started, 2), **cached, **trained, **metrics}
-        if getattr(module, "curve", None):
-            report[name]["curve"] = [{"step": p["step"], "mean": sum(p["errors"].values()) / len(p["errors"]),
-                                      "layers": {str(i): e for i, e in p["errors"].items()}} for p in module.curve]
-            write_stage1_curve(module.curve, output_dir)
-        if decomposition is not None and name == "end_to_end":
-            report["decomposition"] = decomposition.export(student)
-        student.eval()
-        if curve is not None:  # after the stage (adapters merged, MPO contracted): the deployable student
-            curve.measure(student, trainer.global_step, curve._offset)
-            report[name].update(perplexity=recovery[-1]["perplexity"], kl_per_token=recovery[-1]["kl"])
+        report[name], decomposed = fit_stage(run, name, stages_cfg.get(name) or {}, student, slices[name],
+                                             decomposition)
+        if decomposed is not None:
+            report["decomposition"] = decomposed
         if reuse is not None and index < last:
-            reuse.save(index, student, report, recovery, shared or {}, output_dir)
-    if recovery:
-        report["recovery_curve"] = recovery
-        write_recovery_curve(recovery, output_dir)
+            reuse.save(index, student, report, run.recovery, shared or {}, output_dir)
+    if run.recovery:
+        report["recovery_curve"] = run.recovery
+        write_recovery_curve(run.recovery, output_dir)
     report["student"] = student
     return report
 
