@@ -704,60 +704,88 @@ def _table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
-    """Teacher -> ``convert`` -> stages -> evaluation (see the module docstring)."""
-    from opdf_exp.runner.loggers import build_loggers, log_final
-    from opdf_exp.subquadratic import convert
-
-    task = {k: _plain(v) for k, v in params.items()}
-    output_dir = Path(str(cfg.paths.output_dir))
-    torch.set_num_threads(int(task.get("num_threads") or torch.get_num_threads()))
-    started = time.perf_counter()
-    teacher, tokenizer = load_teacher(cfg.teacher, cfg.paths.get("cache_dir"))
+def training_blocks(cfg: DictConfig, teacher, tokenizer):
+    """The job's blocks (``load_blocks``); with ``data.sequence_kd.enabled`` the training blocks are replaced by the
+    teacher's own continuations (generated once, cached on disk)."""
     data = load_blocks(cfg.data, tokenizer)
     sequence_kd = _plain(cfg.data.get("sequence_kd")) or {}
-    if sequence_kd.get("enabled"):  # the student trains on the teacher's own continuations (cached on disk)
+    if sequence_kd.get("enabled"):
         from opdf_exp.subquadratic.sequence_kd import SequenceKDSettings, sequence_kd_blocks
 
         settings = SequenceKDSettings(**{k: v for k, v in sequence_kd.items() if k != "enabled"})
         data.train = sequence_kd_blocks(teacher, data.train, settings, cfg.paths.get("cache_dir"))
     log.info("blocks: %d train / %d held-out of %d tokens (%d / %d documents)", data.train.shape[0],
              data.held_out.shape[0], data.train.shape[1], len(data.train_docs), len(data.held_out_docs))
-    student_cfg = _plain(cfg.student)
-    arch, init, options = str(student_cfg["arch"]), str(student_cfg.get("init", "qkv_copy")), \
-        dict(student_cfg.get("options") or {})
+    return data
+
+
+def student_builder(student_cfg: dict, teacher):
+    """``build(attention_layers) -> student``: the teacher converted as ``student_cfg`` says (arch, init, the
+    mixer options, RoPE, LoLCATs' window), with the given layers kept as softmax attention."""
+    from opdf_exp.subquadratic import convert
+
+    arch, init = str(student_cfg["arch"]), str(student_cfg.get("init", "qkv_copy"))
+    options = dict(student_cfg.get("options") or {})
     if student_cfg.get("rope"):  # the teacher's rotary embedding on the mixers' queries and keys
         options["rope"] = True
     if student_cfg.get("window"):  # LoLCATs' sliding-window softmax branch (linear attention)
         options.update(window=int(student_cfg["window"]), normalize=True)
+    return lambda layers: convert(teacher, arch, init=init, attention_layers=layers, **options)
+
+
+class HybridChooser:
+    """Runs after stage 1 (``run_stages``' ``after_stage1``): per-layer fidelity of the trained student; with
+    ``auto:K`` / ``auto_kl:K``, rebuild it with the K layers the criterion picks kept as softmax attention (the
+    other layers keep their stage-1 mixers). Both criteria's picks are reported in ``chosen``, which a stored
+    stage prefix restores."""
+
+    def __init__(self, teacher, build, blocks: torch.Tensor, output_dir: Path, auto_k: int | None,
+                 criterion: str | None):
+        self.teacher, self.build, self.blocks, self.output_dir = teacher, build, blocks, output_dir
+        self.auto_k, self.criterion = auto_k, criterion
+        self.chosen: dict[str, Any] = {}
+
+    def __call__(self, trained):
+        fidelity = fidelity_report(trained, self.teacher, self.blocks, self.output_dir)
+        self.chosen["fidelity"] = {str(i): f for i, f in fidelity.items()}
+        if not self.auto_k:
+            return trained
+        k = self.auto_k
+        by_fidelity = sorted(sorted(fidelity, key=lambda i: fidelity[i]["output_rel_err"], reverse=True)[:k])
+        kl = layer_kl_increase(trained, self.teacher, self.blocks, self.build)
+        by_kl = sorted(sorted(kl, key=kl.get, reverse=True)[:k])
+        self.chosen["layer_kl_increase"] = {str(i): v for i, v in kl.items()}
+        self.chosen["picks"] = {"fidelity": by_fidelity, "kl": by_kl}
+        worst = by_kl if self.criterion == "kl" else by_fidelity
+        self.chosen["attention_layers"] = worst
+        log.info("attention_layers=%s:%d keeps layers %s as attention (fidelity picks %s, KL increase picks %s)",
+                 "auto_kl" if self.criterion == "kl" else "auto", k, worst, by_fidelity, by_kl)
+        rebuilt = self.build(sorted(worst))
+        rebuilt.load_state_dict(trained.state_dict(), strict=False)  # stage-1 mixers of the remaining layers
+        return rebuilt
+
+
+def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
+    """Teacher -> ``convert`` -> stages -> evaluation (see the module docstring)."""
+    from opdf_exp.runner.loggers import build_loggers, log_final
+
+    task = {k: _plain(v) for k, v in params.items()}
+    output_dir = Path(str(cfg.paths.output_dir))
+    torch.set_num_threads(int(task.get("num_threads") or torch.get_num_threads()))
+    started = time.perf_counter()
+    teacher, tokenizer = load_teacher(cfg.teacher, cfg.paths.get("cache_dir"))
+    data = training_blocks(cfg, teacher, tokenizer)
+    student_cfg = _plain(cfg.student)
+    init = str(student_cfg.get("init", "qkv_copy"))
+    build = student_builder(student_cfg, teacher)
     attention_layers, auto_k, criterion = parse_attention_layers(student_cfg.get("attention_layers"),
                                                                  int(teacher.config.num_hidden_layers))
-    student = convert(teacher, arch, init=init, attention_layers=attention_layers, **options)
+    student = build(attention_layers)
     check_train_modes(student, task["stages"])
     calibration = calibrate(student, teacher, data.train, int(task.get("calibration_blocks") or 0), init)
     fidelity_blocks = data.held_out[: int((task.get("evaluation") or {}).get("fidelity_blocks", 4))]
-    chosen: dict[str, Any] = {}
-
-    def after_stage1(trained):
-        """Per-layer fidelity after stage 1; with auto:K / auto_kl:K, rebuild with the K layers the criterion
-        picks as attention (the other layers keep their stage-1 mixers). Both criteria's picks are reported."""
-        fidelity = fidelity_report(trained, teacher, fidelity_blocks, output_dir)
-        chosen["fidelity"] = {str(i): f for i, f in fidelity.items()}
-        if not auto_k:
-            return trained
-        by_fidelity = sorted(sorted(fidelity, key=lambda i: fidelity[i]["output_rel_err"], reverse=True)[:auto_k])
-        kl = layer_kl_increase(trained, teacher, fidelity_blocks, lambda layers: convert(
-            teacher, arch, init=init, attention_layers=layers, **options))
-        by_kl = sorted(sorted(kl, key=kl.get, reverse=True)[:auto_k])
-        chosen["layer_kl_increase"] = {str(i): v for i, v in kl.items()}
-        chosen["picks"] = {"fidelity": by_fidelity, "kl": by_kl}
-        worst = by_kl if criterion == "kl" else by_fidelity
-        chosen["attention_layers"] = worst
-        log.info("attention_layers=%s:%d keeps layers %s as attention (fidelity picks %s, KL increase picks %s)",
-                 "auto_kl" if criterion == "kl" else "auto", auto_k, worst, by_fidelity, by_kl)
-        rebuilt = convert(teacher, arch, init=init, attention_layers=sorted(worst), **options)
-        rebuilt.load_state_dict(trained.state_dict(), strict=False)  # stage-1 mixers of the remaining layers
-        return rebuilt
+    chooser = HybridChooser(teacher, build, fidelity_blocks, output_dir, auto_k, criterion)
+    chosen = chooser.chosen
 
     loggers = build_loggers(cfg.get("logger"))
     decomposition = None
@@ -765,10 +793,8 @@ def subquadratic(cfg: DictConfig, **params: Any) -> dict[str, Any]:
         decomposition = Stage3Decomposition(cfg, teacher, data.held_out[: int(cfg.data.batch_size)])
     reuse = stage_reuse(cfg, task, teacher, data) if task["stages"].get("reuse") else None
     stages = run_stages(cfg, student, teacher, data.train, data.held_out, task["stages"],
-                        int(cfg.data.batch_size), loggers, after_stage1, decomposition, output_dir, reuse=reuse,
-                        shared=chosen, rebuild=lambda layers: convert(teacher, arch, init=init,
-                                                                      attention_layers=layers, **options),
-                        fresh_attention=init == "random") \
+                        int(cfg.data.batch_size), loggers, chooser, decomposition, output_dir, reuse=reuse,
+                        shared=chosen, rebuild=build, fresh_attention=init == "random") \
         if cfg.get("train", True) else {}
     student = stages.pop("student", student)
     recovery = stages.pop("recovery_curve", [])
