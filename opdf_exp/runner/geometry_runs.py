@@ -101,6 +101,41 @@ def _seed_list(seeds, base: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------- toy study
+def _write_toy_tables(rows: list[dict], summaries: dict, predictor: str, sweep, out: Path) -> dict[str, str]:
+    """The toy study's tables (floors per model, accuracy by alpha, R2 by stratum, d* per n), as .csv/.md in
+    ``out``; returns the markdown of those shown in the job's summary."""
+    tables: dict[str, str] = {}
+    columns = ["n", "alpha", "d_T", "d_S", "seeds", "d_star", "d_over_dstar", "stratum", "kept_eq2",
+               "kept_equilibrium", "kept_measured", "observed", "observed_std", "eq2", "naive", "equilibrium",
+               "measured_kept", "teacher_loss", "distill_loss", "control_loss", "capacity_used", "l_zero"]
+    write_table(rows, out / "toy_floors", columns, digits=5)
+    first_columns = ["n", "alpha", "d_T", "d_S", "observed", "eq2", "equilibrium", "measured_kept", "kept_eq2",
+                     "kept_measured"]
+    tables["toy_floors (first rows; full table in toy_floors.csv)"] = write_table(rows[:12], out / "toy_floors_head",
+                                                                                  first_columns, digits=4)
+    acc_rows = []
+    head = summaries[predictor]
+    for metric, label in (("ratio", "min(p,o)/max(p,o)"), ("normalized", "1-|p-o|/L_zero"),
+                          ("pearson_config", "Pearson r per config")):
+        row = {"metric (median over configs)": label}
+        for alpha, values in head["by_alpha"].items():
+            row[f"alpha={alpha:g}"] = values[metric]
+        acc_rows.append(row)
+    tables[f"toy_accuracy ({predictor})"] = write_table(acc_rows, out / "toy_accuracy", digits=3)
+    strata_rows = []
+    for name, s in summaries.items():
+        pooled = s["pooled"]
+        strata_rows.append({"predictor": name, "R2_abs overall": pooled["r2_abs"], "below": pooled["r2_abs_below"],
+                            "near": pooled["r2_abs_near"], "above": pooled["r2_abs_above"],
+                            "Pearson r": pooled["pearson"], "R2 affine (OLS)": pooled["r2_affine"],
+                            "median r per config": pooled["pearson_config_median"]})
+    tables["toy_r2_by_stratum"] = write_table(strata_rows, out / "toy_r2_by_stratum", digits=3)
+    dstar_rows = [{"n": n, **{f"alpha={a_:g}": theory.critical_width(n, a_) for a_ in sweep.alphas}}
+                  for n in sweep.n_features]
+    tables["toy_dstar"] = write_table(dstar_rows, out / "toy_dstar", digits=2)
+    return tables
+
+
 def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 0, *, make_trainer) -> dict:
     from opdf_exp.geometry import toy
     from opdf_exp.lit import geometry as train_toy
@@ -135,34 +170,7 @@ def run_toy_experiment(params: dict | None, output_dir: str | Path, seed: int = 
     head = summaries[p["predictor"]]
     wall = time.perf_counter() - started
 
-    tables: dict[str, str] = {}
-    columns = ["n", "alpha", "d_T", "d_S", "seeds", "d_star", "d_over_dstar", "stratum", "kept_eq2",
-               "kept_equilibrium", "kept_measured", "observed", "observed_std", "eq2", "naive", "equilibrium",
-               "measured_kept", "teacher_loss", "distill_loss", "control_loss", "capacity_used", "l_zero"]
-    write_table(rows, out / "toy_floors", columns, digits=5)
-    first_columns = ["n", "alpha", "d_T", "d_S", "observed", "eq2", "equilibrium", "measured_kept", "kept_eq2",
-                     "kept_measured"]
-    tables["toy_floors (first rows; full table in toy_floors.csv)"] = write_table(rows[:12], out / "toy_floors_head",
-                                                                                  first_columns, digits=4)
-    acc_rows = []
-    for metric, label in (("ratio", "min(p,o)/max(p,o)"), ("normalized", "1-|p-o|/L_zero"),
-                          ("pearson_config", "Pearson r per config")):
-        row = {"metric (median over configs)": label}
-        for alpha, values in head["by_alpha"].items():
-            row[f"alpha={alpha:g}"] = values[metric]
-        acc_rows.append(row)
-    tables[f"toy_accuracy ({p['predictor']})"] = write_table(acc_rows, out / "toy_accuracy", digits=3)
-    strata_rows = []
-    for name, s in summaries.items():
-        pooled = s["pooled"]
-        strata_rows.append({"predictor": name, "R2_abs overall": pooled["r2_abs"], "below": pooled["r2_abs_below"],
-                            "near": pooled["r2_abs_near"], "above": pooled["r2_abs_above"],
-                            "Pearson r": pooled["pearson"], "R2 affine (OLS)": pooled["r2_affine"],
-                            "median r per config": pooled["pearson_config_median"]})
-    tables["toy_r2_by_stratum"] = write_table(strata_rows, out / "toy_r2_by_stratum", digits=3)
-    dstar_rows = [{"n": n, **{f"alpha={a_:g}": theory.critical_width(n, a_) for a_ in sweep.alphas}}
-                  for n in sweep.n_features]
-    tables["toy_dstar"] = write_table(dstar_rows, out / "toy_dstar", digits=2)
+    tables = _write_toy_tables(rows, summaries, p["predictor"], sweep, out)
 
     figures = {}
     if p["plots"]:
@@ -406,6 +414,46 @@ def _probe_summary(probe_rows: list[dict], teacher_width: int, widths: list[int]
     return rows
 
 
+def _write_floor_artifacts(p: dict, results: list[dict], fits: dict, meas, probe_rows: list[dict], widths: list[int],
+                           hook: str, teacher_info: tuple, out: Path) -> tuple[dict, dict, list[dict]]:
+    """The floor study's tables, measurement files and plots in ``out``. Returns (tables shown in the job's
+    summary, figure paths, probe accuracy per model and concept family)."""
+    teacher_width, teacher_layers, teacher_ce = teacher_info
+    s = p["sae"]
+    obs = np.array([r["observed"] for r in results])
+    pred = np.array([r["predicted"] for r in results])
+    tables: dict[str, str] = {}
+    floor_columns = ["width", "params", "heads", "kept", "dropped", "predicted", "observed", "kl_t1", "student_ce",
+                     "time_s"]
+    tables["floor_vs_width"] = write_table(results, out / "floor_vs_width", floor_columns, digits=5)
+    fit_rows = [{"mode": m, **f.as_dict()} for m, f in fits.items()]
+    tables["floor_fit"] = write_table(fit_rows, out / "floor_fit", ["mode", "C", "B", "r2", "n"], digits=4)
+    summary = meas.summary()
+    summary.update({"hook": hook, "teacher_width": teacher_width, "teacher_layers": teacher_layers,
+                    "teacher_eval_ce": teacher_ce, "sae_kind": s["kind"], "sae_k": s["k"], "sae_l1": s["l1_coeff"]})
+    tables["sae_measurement"] = write_table([summary], out / "sae_measurement",
+                                            ["n_latents", "F_alive", "L0", "alpha", "g_alpha", "d_star", "fvu",
+                                             "importance_slope", "top10_share", "n_tokens"], digits=4)
+    atomic_write_json(out / "sae_measurement.json", {**summary, "importances": meas.importances.tolist()})
+    agg: list[dict] = []
+    if probe_rows:
+        write_table(probe_rows, out / "probes", digits=3)
+        agg = _probe_summary(probe_rows, teacher_width, widths)
+        tables["probe_accuracy_vs_width"] = write_table(agg, out / "probe_summary", digits=3)
+    figures = {}
+    if p["plots"]:
+        from opdf_exp.geometry import plots
+
+        figures["floor"] = str(plots.plot_lm_floor(
+            widths, obs, pred, {m: f.as_dict() for m, f in fits.items()}, meas.importances, meas.kept(widths),
+            meas.d_star, out / "floor_vs_width.png",
+            f"KD floors vs Eq. 2 (teacher d={teacher_width}, F={meas.n_alive}, alpha={meas.alpha:.4f}, d*={meas.d_star:.1f})"))
+        if probe_rows:
+            model_widths = {"teacher": teacher_width, **{f"student_{w}": w for w in widths}}
+            figures["probes"] = str(plots.plot_probes(probe_rows, model_widths, out / "probe_accuracy.png"))
+    return tables, figures, agg
+
+
 def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int = 0, *, make_trainer) -> dict:
     """Teacher -> SAE measurement -> students at every width -> observed vs predicted floors -> probes."""
     from opdf_exp.geometry import distill_lm as lm
@@ -470,37 +518,10 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
     monotone = bool(np.all(np.diff(obs[np.argsort(widths)]) <= 0))
 
     # 6. artifacts
-    s, st, fit_primary = p["sae"], p["students"], p["fit"]["primary"]
-    tables: dict[str, str] = {}
-    floor_columns = ["width", "params", "heads", "kept", "dropped", "predicted", "observed", "kl_t1", "student_ce",
-                     "time_s"]
-    tables["floor_vs_width"] = write_table(results, out / "floor_vs_width", floor_columns, digits=5)
-    fit_rows = [{"mode": m, **f.as_dict()} for m, f in fits.items()]
-    tables["floor_fit"] = write_table(fit_rows, out / "floor_fit", ["mode", "C", "B", "r2", "n"], digits=4)
-    summary = meas.summary()
-    summary.update({"hook": hook, "teacher_width": teacher_width, "teacher_layers": teacher_layers,
-                    "teacher_eval_ce": teacher_ce, "sae_kind": s["kind"], "sae_k": s["k"], "sae_l1": s["l1_coeff"]})
-    tables["sae_measurement"] = write_table([summary], out / "sae_measurement",
-                                            ["n_latents", "F_alive", "L0", "alpha", "g_alpha", "d_star", "fvu",
-                                             "importance_slope", "top10_share", "n_tokens"], digits=4)
-    atomic_write_json(out / "sae_measurement.json", {**summary, "importances": meas.importances.tolist()})
     atomic_write_json(out / "histories.json", histories)
-    agg: list[dict] = []
-    if probe_rows:
-        write_table(probe_rows, out / "probes", digits=3)
-        agg = _probe_summary(probe_rows, teacher_width, widths)
-        tables["probe_accuracy_vs_width"] = write_table(agg, out / "probe_summary", digits=3)
-    figures = {}
-    if p["plots"]:
-        from opdf_exp.geometry import plots
-
-        figures["floor"] = str(plots.plot_lm_floor(
-            widths, obs, pred, {m: f.as_dict() for m, f in fits.items()}, meas.importances, meas.kept(widths),
-            meas.d_star, out / "floor_vs_width.png",
-            f"KD floors vs Eq. 2 (teacher d={teacher_width}, F={meas.n_alive}, alpha={meas.alpha:.4f}, d*={meas.d_star:.1f})"))
-        if probe_rows:
-            model_widths = {"teacher": teacher_width, **{f"student_{w}": w for w in widths}}
-            figures["probes"] = str(plots.plot_probes(probe_rows, model_widths, out / "probe_accuracy.png"))
+    tables, figures, agg = _write_floor_artifacts(p, results, fits, meas, probe_rows, widths, hook,
+                                                  (teacher_width, teacher_layers, teacher_ce), out)
+    s, st, fit_primary = p["sae"], p["students"], p["fit"]["primary"]
     primary = fits[fit_primary]
     metrics = {"C": primary.C, "B": primary.B, "r2": primary.r2,
                **{f"{m}_{k}": getattr(f, k) for m, f in fits.items() for k in ("C", "B", "r2")},
