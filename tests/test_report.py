@@ -136,6 +136,11 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
                     for name, label, kind, acc, share in (
                         ("kd", "KD", "none", kd, shares[seed][0]), ("kd_opdf", "KD + OPDF", "mpo", same, shares[seed][1]),
                         ("kd_opdf_auto", "KD + OPDF, auto", "mpo", auto, shares[seed][2]))]
+        atomic_write_text(job / ".hydra" / "config.yaml", (
+            "task_name: glue_cpu\ntask:\n  variants:\n    no_kd: null\n    kd: {label: KD, overrides: [distill=kd]}\n"
+            "    kd_opdf: {label: KD + OPDF, overrides: [distill=kd, decomposition=mpo]}\n"
+            "    kd_opdf_auto: {label: 'KD + OPDF, auto', overrides: [distill=kd, decomposition=mpo, "
+            "decomposition.lr_scale=auto]}\n"))
         atomic_write_json(job / "results.json", {
             "status": "complete", "task_name": "glue_cpu", "overrides": ["data=glue/mrpc", f"seed={seed}"],
             "seed": seed, "metrics": {}, "variants": variants,
@@ -148,6 +153,22 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
     assert [rows[m]["one-class seeds"] for m in ("kd alone", "KD + OPDF", "KD + OPDF, auto", "teacher")] == \
         ["0/2", "2/2", "0/1", None]
     paired = {p["comparison"]: p for p in glue["paired"]}
-    assert set(paired) == {"KD + OPDF − kd alone", "KD + OPDF, auto − kd alone"}
+    # each variant also against its nearest control (the one setting it adds: here the step size alone); KD + OPDF's
+    # nearest control is KD alone, already paired
+    nearest = "KD + OPDF, auto − KD + OPDF (nearest control)"
+    assert set(paired) == {"KD + OPDF − kd alone", "KD + OPDF, auto − kd alone", nearest}
     assert paired["KD + OPDF, auto − kd alone"]["mean diff"] == "+3.50"
     assert paired["KD + OPDF − kd alone"]["better in"] == "0/2"
+    assert paired[nearest]["mean diff"] == "+9.50" and paired[nearest]["better in"] == "2/2"
+
+
+def test_nearest_control_is_the_largest_strict_subset_of_overrides():
+    from opdf_exp.runner.report import nearest_controls
+
+    sets = {"KD": {"distill=kd"}, "OPDF": {"distill=kd", "decomposition=mpo"},
+            "OPDF auto": {"distill=kd", "decomposition=mpo", "lr_scale=auto"},
+            "OPDF auto align": {"distill=kd", "decomposition=mpo", "lr_scale=auto", "align=0.1", "map=preceding"},
+            "OPDF public": {"distill=kd", "decomposition=mpo", "align=0"},
+            "two ways": {"distill=kd", "decomposition=mpo", "lr_scale=auto", "align=0"}}  # auto or public: none
+    controls = nearest_controls({k: frozenset(v) for k, v in sets.items()})
+    assert controls == {"OPDF": "KD", "OPDF auto": "OPDF", "OPDF auto align": "OPDF auto", "OPDF public": "OPDF"}

@@ -421,6 +421,7 @@ def glue_tables(jobs: list[Job]) -> dict | None:
             params.setdefault((*row, task), part_params)
     if not scores:
         return None
+    controls = nearest_controls(_variant_overrides([j for j in jobs if _glue_task_of(j) is not None][:1]))
     tasks = sorted({task for per_task in scores.values() for task in per_task})
     order = sorted(scores, key=lambda r: (r[0] != "teacher", r[0], list(DECOMPOSITION_LABELS).index(r[1])
                                           if r[1] in DECOMPOSITION_LABELS else -1))
@@ -455,7 +456,7 @@ def glue_tables(jobs: list[Job]) -> dict | None:
             out["inference params"] = params[(*row, task)].get("inference")
             rows.append(out)
         per_task[task] = {"rows": rows, "paired": _glue_paired({r: v[task] for r, v in scores.items() if task in v},
-                                                               label)}
+                                                               label, controls)}
     # GLUE average per seed, for rows that ran every averaged task of the sweep with that seed (an average over
     # another set of tasks would not be comparable, so such rows get none)
     averaged = [t for t in tasks if t not in GLUE_AVERAGE_EXCLUDES]
@@ -473,29 +474,80 @@ def glue_tables(jobs: list[Job]) -> dict | None:
         out["GLUE avg"] = _fmt(pct(averages[row]), 2) if averages[row] else None
         out["n seeds"] = len(averages[row])
         average_rows.append(out)
-    return {"tasks": per_task, "average": {"rows": average_rows, "paired": _glue_paired(averages, label),
+    return {"tasks": per_task, "average": {"rows": average_rows, "paired": _glue_paired(averages, label, controls),
                                            "tasks_averaged": averaged}}
 
 
-def _glue_paired(values: dict[tuple[str, str, str], dict[Any, float]], label) -> list[dict]:
-    """Each +SVD / +OPDF row minus the same method alone (its first dense row), in score points, over the seeds
-    both ran; ``label(row)`` names the rows."""
+def _variant_overrides(jobs: list[Job]) -> dict[str, frozenset[str]]:
+    """Each student variant's label -> its override set (``task.variants.<name>.overrides`` of the jobs' saved
+    configs)."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, frozenset[str]] = {}
+    for job in jobs:
+        config_file = job.folder / ".hydra" / "config.yaml"
+        try:
+            variants = OmegaConf.to_container(OmegaConf.load(config_file).task.variants, resolve=False)
+        except Exception:  # no saved config, or a task without variants
+            continue
+        for name, spec in (variants or {}).items():
+            if isinstance(spec, dict):
+                out.setdefault(str(spec.get("label") or name), frozenset(map(str, spec.get("overrides") or [])))
+    return out
+
+
+def nearest_controls(overrides: dict[str, frozenset[str]]) -> dict[str, str]:
+    """Each variant's nearest control: the variant whose overrides are the largest strict subset of its own, so
+    the two differ by the fewest settings (KD + OPDF, lr_scale auto -> KD + OPDF: the step size alone). Left out
+    where that largest subset is not unique."""
+    controls = {}
+    for label, own in overrides.items():
+        subsets = [(len(other), name) for name, other in overrides.items() if other < own]
+        if not subsets:
+            continue
+        best = max(size for size, _ in subsets)
+        names = [name for size, name in subsets if size == best]
+        if len(names) == 1:
+            controls[label] = names[0]
+    return controls
+
+
+def _paired_row(label_b: str, label_a: str, b: dict[Any, float], a: dict[Any, float]) -> dict | None:
+    """B − A in score points over the seeds both ran."""
+    seeds = [s for s in a if s in b]
+    if not seeds:
+        return None
+    diffs = [100.0 * (b[s] - a[s]) for s in seeds]
+    stat = describe(diffs)
+    return {"comparison": f"{label_b} − {label_a}", "n seeds": len(seeds), "mean diff": f"{stat['mean']:+.2f}",
+            "std": f"{stat['std']:.2f}" if stat.get("std") is not None else None, "95% CI": _fmt_ci(stat, 2),
+            "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"}
+
+
+def _glue_paired(values: dict[tuple[str, str, str], dict[Any, float]], label,
+                 controls: dict[str, str] | None = None) -> list[dict]:
+    """Each +SVD / +OPDF row minus the same method alone (its first dense row), then each variant minus its
+    nearest control (``controls``: variant label -> control label, where that is another row), in score points,
+    over the seeds both ran; ``label(row)`` names the rows."""
     out = []
+    alone_of = {}
     for row, with_decomposition in values.items():
         method, decomposition = row[:2]
         alone_row = next((r for r in values if r[:2] == (method, "none")), None)
         if decomposition in ("none", "-") or alone_row is None:
             continue
-        alone = values[alone_row]
-        seeds = [s for s in alone if s in with_decomposition]
-        if not seeds:
+        alone_of[row] = alone_row
+        paired = _paired_row(label(row), label(alone_row), with_decomposition, values[alone_row])
+        if paired:
+            out.append(paired)
+    by_label = {row[2]: row for row in values}
+    for row in values:
+        control_row = by_label.get((controls or {}).get(row[2], ""))
+        if control_row is None or control_row == alone_of.get(row) or control_row == row:
             continue
-        diffs = [100.0 * (with_decomposition[s] - alone[s]) for s in seeds]
-        stat = describe(diffs)
-        out.append({"comparison": f"{label(row)} − {label(alone_row)}",
-                    "n seeds": len(seeds), "mean diff": f"{stat['mean']:+.2f}",
-                    "std": f"{stat['std']:.2f}" if stat.get("std") is not None else None,
-                    "95% CI": _fmt_ci(stat, 2), "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"})
+        paired = _paired_row(label(row), label(control_row), values[row], values[control_row])
+        if paired:
+            out.append({**paired, "comparison": paired["comparison"] + " (nearest control)"})
     return out
 
 
