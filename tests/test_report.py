@@ -160,6 +160,10 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
     assert paired["KD + OPDF, auto − kd alone"]["mean diff"] == "+3.50"
     assert paired["KD + OPDF − kd alone"]["better in"] == "0/2"
     assert paired[nearest]["mean diff"] == "+9.50" and paired[nearest]["better in"] == "2/2"
+    # the teacher beside the published dev scores of the models KD papers start from
+    published = {r["model"]: r["mrpc"] for r in report([sweep], plots=False)["experiments"][0]["glue"]["published"]}
+    assert published["teacher (this sweep, report half)"] == "80.00"
+    assert published["BERT-base (12 layers), published (full dev)"] == "88.6"
 
 
 def test_nearest_control_is_the_largest_strict_subset_of_overrides():

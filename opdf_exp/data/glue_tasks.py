@@ -240,3 +240,19 @@ def glue_average(scores: Mapping[str, float], exclude: tuple[str, ...] = GLUE_AV
     if not kept:
         raise ConfigError(f"no task scores left to average (given {sorted(scores)}, excluded {list(exclude)})")
     return sum(kept.values()) / len(kept)
+
+
+# ----------------------------------------------------------------------------------------- published scores
+# GLUE dev scores as the papers print them (x 100, full dev sets), collected in shared/notes/glue.md §4, so that a
+# teacher trained here can be read beside the models the KD literature starts from. Each paper prints one number
+# per task (CoLA: Matthews correlation; MNLI: matched accuracy; MRPC and QQP: F1 or accuracy as that paper chose;
+# STS-B: a correlation), which is not always the mean of metrics that ``task_score`` computes: read them as
+# orientation, not as paired baselines.
+PUBLISHED_DEV_SCORES: dict[str, dict[str, float]] = {
+    "BERT-base (12 layers)": {"cola": 56.3, "mnli": 84.7, "mrpc": 88.6, "qnli": 91.8, "qqp": 89.6, "rte": 69.3,
+                              "sst2": 92.7, "stsb": 89.0},
+    "DistilBERT (6 layers)": {"cola": 51.3, "mnli": 82.1, "mrpc": 87.5, "qnli": 89.2, "qqp": 88.5, "rte": 59.9,
+                              "sst2": 91.3, "stsb": 86.9},
+    "MiniLM-L6-H384 (6 layers)": {"cola": 47.5, "mnli": 83.3, "mrpc": 88.9, "qnli": 90.5, "qqp": 90.6, "rte": 68.8,
+                                  "sst2": 91.5},
+}

@@ -474,7 +474,11 @@ def glue_tables(jobs: list[Job]) -> dict | None:
         out["GLUE avg"] = _fmt(pct(averages[row]), 2) if averages[row] else None
         out["n seeds"] = len(averages[row])
         average_rows.append(out)
-    return {"tasks": per_task, "average": {"rows": average_rows, "paired": _glue_paired(averages, label, controls),
+    teacher_row = next((row for row in order if row[0] == "teacher"), None)
+    published = published_rows(tasks, {t: pct(scores[teacher_row][t]) for t in tasks if t in scores[teacher_row]}
+                               if teacher_row else {})
+    return {"tasks": per_task, "published": published,
+            "average": {"rows": average_rows, "paired": _glue_paired(averages, label, controls),
                                            "tasks_averaged": averaged}}
 
 
@@ -524,6 +528,21 @@ def _paired_row(label_b: str, label_a: str, b: dict[Any, float], a: dict[Any, fl
             "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"}
 
 
+def published_rows(tasks: list[str], teacher: dict[str, dict]) -> list[dict]:
+    """The sweep's teacher (its score per task, x 100: one fine-tune per task, shared by the seeds) beside the published dev scores of the models KD papers
+    start from (``data.glue_tasks.PUBLISHED_DEV_SCORES``), on the sweep's tasks; empty when no task has one."""
+    from opdf_exp.data.glue_tasks import PUBLISHED_DEV_SCORES
+
+    if not any(task in scores for scores in PUBLISHED_DEV_SCORES.values() for task in tasks):
+        return []
+    rows = [{"model": "teacher (this sweep, report half)",
+             **{task: f"{teacher[task]['mean']:.2f}" if task in teacher else None for task in tasks}}] if teacher else []
+    for model, scores in PUBLISHED_DEV_SCORES.items():
+        rows.append({"model": f"{model}, published (full dev)",
+                     **{task: f"{scores[task]:.1f}" if task in scores else None for task in tasks}})
+    return rows
+
+
 def _glue_paired(values: dict[tuple[str, str, str], dict[Any, float]], label,
                  controls: dict[str, str] | None = None) -> list[dict]:
     """Each +SVD / +OPDF row minus the same method alone (its first dense row), then each variant minus its
@@ -558,6 +577,10 @@ def _render_glue(glue: dict) -> list[str]:
         parts.append(markdown_table(table["rows"]) + "\n")
         if table["paired"]:
             parts.append(markdown_table(table["paired"]) + "\n")
+    if glue.get("published"):
+        parts.append("### The teacher beside published GLUE dev scores (orientation only: the papers print one metric "
+                     "per task, on the full dev set; data/glue_tasks.py::PUBLISHED_DEV_SCORES)\n")
+        parts.append(markdown_table(glue["published"]) + "\n")
     tasks = ", ".join(glue["average"]["tasks_averaged"])
     parts.append(f"### GLUE average (per seed, the mean of the task scores over {tasks}; MNLI = mean of m/mm; WNLI "
                  "excluded; rows that miss a task get none)\n")
