@@ -10,6 +10,10 @@ teacher there and fall behind where the context is longer; the rows for position
 does. Each run folder's saved student (``<job>/student``, written by the subquadratic task) and the packaged
 SmolLM2-135M teacher score the same held-out BBC stream (the task's document split, ``data.split_seed``,
 ``data.max_train_tokens``), packed into ``--length``-token blocks instead of 128. One thread by default.
+
+Each job's bins are kept in ``<job>/context_length_<length>.json``, keyed on the student's bytes, the data and the
+bins, so a rerun over a grown comparison scores only the new students; ``subquadratic_table.py`` shows the
+ratio and KL of the last bin beside the 128-token numbers.
 """
 from __future__ import annotations
 
@@ -35,6 +39,33 @@ def held_out_blocks(tokenizer, length: int, job: dict):
     return blocks.held_out
 
 
+def student_digest(folder: Path) -> str:
+    """sha256 of the saved student's files (config and weights): its score file is reused only for these bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((folder / "student").iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def score_key(folder: Path, job: dict, args) -> dict:
+    """What a job's position bins depend on: the student's bytes, the packed held-out stream and the bins."""
+    overrides = dict(o.split("=", 1) for o in job.get("overrides", []) if "=" in o)
+    return {"student": student_digest(folder), "teacher": "smollm2_135m (packaged GGUF)", "length": args.length,
+            "edges": args.edges, "blocks": args.blocks, "split_seed": overrides.get("data.split_seed", "0"),
+            "max_train_tokens": overrides.get("data.max_train_tokens", "200000")}
+
+
+def score_path(folder: Path, length: int) -> Path:
+    """Where a job's bins are kept (committed with its results.json; read by subquadratic_table.py)."""
+    return folder / f"context_length_{length}.json"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (searched for results.json with a saved student/)")
@@ -43,6 +74,7 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", type=int, default=16, help="held-out blocks of --length tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="experiments/results/context_length.md")
+    parser.add_argument("--rescore", action="store_true", help="score every student again, ignoring kept scores")
     args = parser.parse_args(argv)
     started = time.time()
     import opdf_exp  # noqa: F401  (registers the subquadratic students with transformers)
@@ -50,6 +82,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from opdf_exp.subquadratic.evaluate import perplexity_by_position
+    from opdf_exp.utils.io import atomic_write_json
 
     torch.set_num_threads(args.threads)
     edges = [int(e) for e in args.edges.split(",")]
@@ -60,20 +93,28 @@ def main(argv=None) -> None:
     teacher, tokenizer = smollm2_teacher()
     results = [json.loads((folder / "results.json").read_text()) for folder in jobs]
     rows, blocks = [], None
+    reused = 0
     for folder, job, name in zip(jobs, results, run_labels(results)):
         name = f"{name}, seed {job.get('seed')}"
-        if blocks is None:
-            blocks = held_out_blocks(tokenizer, args.length, job)[: args.blocks]
-        student = AutoModelForCausalLM.from_pretrained(folder / "student", dtype=torch.float32).eval()
-        with torch.no_grad():
-            bins = perplexity_by_position(student, teacher, blocks, edges)
+        key, path = score_key(folder, job, args), score_path(folder, args.length)
+        kept = json.loads(path.read_text()) if path.is_file() and not args.rescore else {}
+        if kept.get("key") == key:
+            bins, reused = kept["bins"], reused + 1
+        else:
+            if blocks is None:
+                blocks = held_out_blocks(tokenizer, args.length, job)[: args.blocks]
+            student = AutoModelForCausalLM.from_pretrained(folder / "student", dtype=torch.float32).eval()
+            with torch.no_grad():
+                bins = perplexity_by_position(student, teacher, blocks, edges)
+            atomic_write_json(path, {"key": key, "bins": bins})
+            del student
         rows.append((name, str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder), bins))
         print(name, [round(b["perplexity"], 1) for b in bins], flush=True)
-        del student
     teacher_bins = rows[0][2]
     lines = header("Perplexity and KL by position on 512-token held-out contexts", __file__, args.threads,
-                   f"{blocks.shape[0]} held-out BBC blocks of {args.length} tokens (the comparison's held-out "
-                   f"articles); training blocks were 128 tokens.")
+                   f"{args.blocks} held-out BBC blocks of {args.length} tokens (the comparison's held-out "
+                   f"articles); training blocks were 128 tokens. {reused} of {len(rows)} students' scores were "
+                   f"kept from their `context_length_{args.length}.json` (same student bytes, data and bins).")
     spans = [f"{b['from']}-{b['to'] - 1}" for b in teacher_bins]
     lines += ["Perplexity of each predicted position range (the teacher's in the first row), then the ratio to the "
               "teacher's at the same positions and KL(teacher || student) per token.", "",

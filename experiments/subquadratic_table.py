@@ -4,7 +4,8 @@
 issue's columns: one row per run (perplexity and its ratio to the teacher's and, when a ``teacher_control`` run
 (the teacher itself through the same stages: student=transformer student.init=qkv_copy) is among the folders, to
 that corpus-adapted teacher's, since stage 3's CE on the corpus lowers any model's perplexity there; KL, recall
-probes, size, speed, state, stage-1 fidelity, steps and times), then per student the mean over seeds, and paired differences between students
+probes, size, speed, state, the ratio and KL at the last positions of 512-token contexts where
+``experiments/context_length.py`` scored the student, stage-1 fidelity, steps and times), then per student the mean over seeds, and paired differences between students
 that share seeds (the log-perplexity difference, so a ratio of perplexities, with its spread over seeds). With
 ``--curves`` it draws the recovery curves (held-out perplexity against training tokens: after conversion, after
 each stage and inside stage 3) of the students named, or of the best three by mean perplexity.
@@ -29,6 +30,7 @@ COLUMNS = [("perplexity", "perplexity", "{:,.1f}"), ("KL/token", "kl_per_token",
            ("state bytes T=512", "state_bytes_T512", "{:,.0f}"), ("state bytes T=4096", "state_bytes_T4096", "{:,.0f}")]
 STAGES = ("attention_transfer", "hidden_alignment", "end_to_end")
 # overrides that change where or how fast a job runs, not what it computes (beyond round-off): not in labels
+LONG_CONTEXT = 512  # the context length of experiments/context_length.py's default scores
 NOT_A_SETTING = ("task.num_threads=", "task.stages.attention_transfer.cache=", "task.stages.reuse=")
 
 
@@ -85,9 +87,29 @@ def _control_ratio(result: dict, control: dict[int, float]) -> str:
     return f"{result['metrics']['student/perplexity'] / reference:.2f}x"
 
 
+def long_context(result: dict, length: int = LONG_CONTEXT) -> dict | None:
+    """The last position bin of the job's ``context_length_<length>.json`` (experiments/context_length.py), or
+    None where the student was not scored there."""
+    path = Path(result["_path"]) / f"context_length_{length}.json"
+    if not path.is_file():
+        return None
+    bins = json.loads(path.read_text())["bins"]
+    return bins[-1] if bins else None
+
+
+def _long_context_cells(result: dict) -> list[str]:
+    last = long_context(result)
+    if last is None:
+        return ["–", "–"]
+    return [f"{last['perplexity'] / last['teacher_perplexity']:.2f}x", f"{last['kl_per_token']:.3f}"]
+
+
 def run_rows(loaded: list[dict], common: set[str]) -> list[str]:
     control = control_perplexity(loaded)
+    spans = {f"{b['from']}-{b['to'] - 1}" for r in loaded if (b := long_context(r))}
+    span = spans.pop() if len(spans) == 1 else "last bin"
     header = ["model", "seed", "perplexity / teacher's", "perplexity / adapted teacher's", *(c[0] for c in COLUMNS),
+              f"ppl / teacher's at {span} of {LONG_CONTEXT}", f"KL at {span} of {LONG_CONTEXT}",
               "attn-output rel. err after stage 1 (mean over layers)", "steps (1/2/3)", "train s", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher = None
@@ -100,11 +122,12 @@ def run_rows(loaded: list[dict], common: set[str]) -> list[str]:
         fid = f"{sum(fidelity) / len(fidelity):.3f}" if fidelity else "–"
         ratio = metrics["student/perplexity"] / metrics["teacher/perplexity"]
         lines.append("| " + " | ".join([_label(result, common), str(result.get("seed", "–")), f"{ratio:.2f}x",
-                                         _control_ratio(result, control), *_cells(metrics, "student"), fid, steps, f"{seconds:.0f}",
+                                         _control_ratio(result, control), *_cells(metrics, "student"),
+                                         *_long_context_cells(result), fid, steps, f"{seconds:.0f}",
                                          f"{result.get('wall_time_s', 0):.0f}"]) + " |")
         teacher = teacher or _cells(metrics, "teacher")
     if teacher:
-        lines.append("| teacher | – | 1.00x | – | " + " | ".join(teacher) + " | – | – | – | – |")
+        lines.append("| teacher | – | 1.00x | – | " + " | ".join(teacher) + " | 1.00x | – | – | – | – | – |")
     return lines
 
 
