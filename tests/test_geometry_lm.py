@@ -89,3 +89,22 @@ def test_floor_smoke_end_to_end(tmp_path):
 
     assert main(["predict", "-F", str(sae["F_alive"]), "--alpha", str(sae["alpha"]), "--widths", "4,8,16",
                  "--importances", str(tmp_path / "sae_measurement.json")]) == 0
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"probe": {"docs": "train"}}, "task.probe.docs=train is unknown"),
+    ({"fit": {"primary": "median"}}, "task.fit.primary=median is unknown"),
+    ({"students": {"widths": [8]}}, "needs at least two widths"),
+    ({"tokenizer": "teacher"}, "task.tokenizer=teacher needs task.teacher.pretrained"),
+])
+def test_floor_bad_input_fails_before_any_training(tmp_path, params, message):
+    """Checked from the parameters alone: no corpus read, no teacher built (make_trainer is never called)."""
+    from opdf_exp.errors import ConfigError
+    from opdf_exp.runner.geometry_runs import run_floor_experiment
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("training started before the bad input was caught")
+
+    with pytest.raises(ConfigError, match=message) as err:
+        run_floor_experiment(params, tmp_path, make_trainer=no_trainer)
+    assert "\n" not in str(err.value)
