@@ -253,3 +253,24 @@ def test_a_key_added_at_its_neutral_value_keeps_finished_results(tmp_path, monke
         cfg.task.train.new_option = 0
         cfg.task.train.lr = float(cfg.task.train.lr) * 2  # a real change beside the neutral key still reruns
         assert app.completed_result(tmp_path, overrides, cfg) is None
+
+
+def test_a_neutral_key_keeps_the_variant_rows_of_a_multi_variant_job(tmp_path, monkeypatch):
+    """The per-variant reuse of a GLUE-style job applies the same rule: a row made before a registered key existed
+    is still its variant's row while the key holds its neutral value."""
+    from omegaconf import open_dict
+
+    from opdf_exp.runner import app
+    from opdf_exp.runner.distill_task import same_variant, variant_digest
+    from tests.helpers.hydra import compose_job
+
+    with compose_job(["+experiment=quickstart", "logger=none"], tmp_path) as cfg:
+        row = {"config_digest": variant_digest(cfg)}
+        with open_dict(cfg):
+            cfg.task.new_option = "off"
+        digest = variant_digest(cfg)
+        assert digest != row["config_digest"] and not same_variant(row, cfg, digest)
+        monkeypatch.setattr(app, "NEUTRAL_ADDITIONS", {"task.new_option": "off"})
+        assert same_variant(row, cfg, digest)
+        cfg.task.new_option = "on"
+        assert not same_variant(row, cfg, variant_digest(cfg))

@@ -118,7 +118,7 @@ def _without_locations(value: Any, locations: list[tuple[str, str]]) -> Any:
     return value
 
 
-def _without_neutral_additions(key: str, value: Any, additions: dict[str, Any]) -> Any:
+def without_neutral_additions(key: str, value: Any, additions: dict[str, Any]) -> Any:
     """``value`` (top-level entry ``key``, resolved) less the nested keys of ``additions`` that hold their neutral
     value."""
     for dotted, neutral in additions.items():
@@ -161,7 +161,7 @@ def config_digests(cfg: DictConfig, location_free: bool = True,
         if key == "trainer" and isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in VOLATILE_TRAINER_KEYS}
         if neutral_additions:
-            value = _without_neutral_additions(str(key), value, neutral_additions)
+            value = without_neutral_additions(str(key), value, neutral_additions)
         digests[str(key)] = json_digest(_without_locations(value, locations), 12)
     return digests
 

@@ -39,7 +39,8 @@ from opdf_exp.lit.module import DistillationModule
 from opdf_exp.models.io import save_model, store_label_names, stored_label_names
 from opdf_exp.models.layers import freeze_parameters
 from opdf_exp.models.timm_models import check_class_count, check_input_size
-from opdf_exp.runner.app import config_digests, job_overrides, previous_result
+from opdf_exp.runner import app
+from opdf_exp.runner.app import config_digests, job_overrides, previous_result, without_neutral_additions
 from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
 from opdf_exp.runner.trainer import build_trainer, train_seconds, trainer_world_size
@@ -296,14 +297,25 @@ def variant_plan(cfg: DictConfig, variants: Mapping | None) -> list[tuple[str, s
     return plan
 
 
-def variant_digest(variant_cfg: DictConfig) -> str:
+def variant_digest(variant_cfg: DictConfig, neutral_additions: dict | None = None) -> str:
     """A hash of everything one variant's student depends on: the composed config without the other variants'
-    specs (``task.variants``, ``task.primary``), so adding or editing one variant leaves the others' unchanged."""
-    digests = config_digests(variant_cfg)
+    specs (``task.variants``, ``task.primary``), so adding or editing one variant leaves the others' unchanged.
+    ``neutral_additions`` (runner/app.py::NEUTRAL_ADDITIONS) gives the digest the config had before those keys."""
+    digests = config_digests(variant_cfg, neutral_additions=neutral_additions)
     task = {k: v for k, v in OmegaConf.to_container(variant_cfg.task, resolve=True).items()
             if k not in ("variants", "primary")}
+    if neutral_additions:
+        task = without_neutral_additions("task", task, neutral_additions)
     digests["task"] = json_digest(task, 12)
     return json_digest(digests)
+
+
+def same_variant(row: dict, variant_cfg: DictConfig, digest: str) -> bool:
+    """Whether a stored variant row was made with this variant's config: the same digest, or the same once the
+    keys added since at their neutral values are left out."""
+    stored = row.get("config_digest")
+    additions = app.NEUTRAL_ADDITIONS
+    return stored == digest or bool(additions) and stored == variant_digest(variant_cfg, additions)
 
 
 def reusable_rows(cfg: DictConfig) -> dict[str, dict]:
@@ -619,7 +631,7 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
     for name, label, vcfg in plan:
         digest = variant_digest(vcfg)
         old = reusable.get(name)
-        if old and old.get("config_digest") == digest and old.get("metric_prefix") == prefix[name]:
+        if old and same_variant(old, vcfg, digest) and old.get("metric_prefix") == prefix[name]:
             log.info("variant %s: reused from this folder's previous result (its own config is unchanged)", name)
             rows.append({**old, "label": label, "reused": True})
             continue
