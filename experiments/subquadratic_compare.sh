@@ -10,6 +10,7 @@
 #   bash experiments/subquadratic_compare.sh hybrids              # K = 4 hybrids: fidelity vs KL-increase choice
 #   DRY=1 bash experiments/subquadratic_compare.sh grid           # print the commands only
 #   python experiments/subquadratic_table.py experiments/runs/subquadratic_compare_v2/*
+#   python experiments/context_length.py experiments/runs/subquadratic_compare_v2/*   # all runs at 512 tokens
 #
 # Names: a mixer (gla gated_deltanet retnet deltanet mlstm mamba2 metala linear_attention), transformer (its
 # attention re-initialised), teacher_control (the teacher itself through the same stages), lolcats_window64; grid_<mixer>_<random_init|no_stage1|no_stage2|matrix|rope_on|rope_off> (the grid: GLA and
@@ -74,4 +75,7 @@ for name in "${names[@]}"; do
   ${DRY:+echo} /usr/bin/time -f "$name: %e s wall, %M KiB max RSS" \
     python -m opdf_exp -m +experiment=subquadratic_cpu "${spec[@]}" task.num_threads=1 seed="$SEEDS" \
       hydra.sweep.dir="$root/$name"
+  # the run's students on 512-token contexts (kept in each job's context_length_512.json, which the table reads;
+  # a student already scored is not scored again)
+  ${DRY:+echo} python experiments/context_length.py "$root/$name" --out "$root/$name/context_length.md"
 done
