@@ -396,7 +396,7 @@ ONE_CLASS_COLUMN = "one-class seeds"
 
 def glue_tables(jobs: list[Job]) -> dict | None:
     """Per-task and GLUE-average tables over GLUE jobs; None when no job is a GLUE job."""
-    from opdf_exp.data.glue_tasks import GLUE_AVERAGE_EXCLUDES, glue_average, glue_task
+    from opdf_exp.data.glue_tasks import GLUE_AVERAGE_EXCLUDES, glue_task
 
     # scores[(method, decomposition, label)][task][seed] = score; one value per seed (a shared teacher counts
     # once). The variant's label tells apart rows of one method and decomposition (the GLUE study's OPDF rows:
@@ -457,15 +457,8 @@ def glue_tables(jobs: list[Job]) -> dict | None:
             rows.append(out)
         per_task[task] = {"rows": rows, "paired": _glue_paired({r: v[task] for r, v in scores.items() if task in v},
                                                                label, controls)}
-    # GLUE average per seed, for rows that ran every averaged task of the sweep with that seed (an average over
-    # another set of tasks would not be comparable, so such rows get none)
     averaged = [t for t in tasks if t not in GLUE_AVERAGE_EXCLUDES]
-    averages: dict[tuple[str, str, str], dict[Any, float]] = {}
-    for row in order:
-        complete = averaged and all(t in scores[row] for t in averaged)
-        seeds = set.intersection(*(set(scores[row][t]) for t in averaged)) if complete else set()
-        averages[row] = {seed: glue_average({t: scores[row][t][seed] for t in averaged})
-                         for seed in sorted(seeds, key=str)}
+    averages = _per_seed_averages(scores, order, averaged)
     average_rows = []
     for row in order:
         out: dict[str, Any] = {"model": label(row)}
@@ -526,6 +519,20 @@ def _paired_row(label_b: str, label_a: str, b: dict[Any, float], a: dict[Any, fl
     return {"comparison": f"{label_b} − {label_a}", "n seeds": len(seeds), "mean diff": f"{stat['mean']:+.2f}",
             "std": f"{stat['std']:.2f}" if stat.get("std") is not None else None, "95% CI": _fmt_ci(stat, 2),
             "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"}
+
+
+def _per_seed_averages(scores: dict, order: list, averaged: list[str]) -> dict[tuple[str, str, str], dict[Any, float]]:
+    """The GLUE average per row and seed, for rows that ran every averaged task of the sweep with that seed (an
+    average over another set of tasks would not be comparable, so such rows get none)."""
+    from opdf_exp.data.glue_tasks import glue_average
+
+    averages = {}
+    for row in order:
+        complete = averaged and all(t in scores[row] for t in averaged)
+        seeds = set.intersection(*(set(scores[row][t]) for t in averaged)) if complete else set()
+        averages[row] = {seed: glue_average({t: scores[row][t][seed] for t in averaged})
+                         for seed in sorted(seeds, key=str)}
+    return averages
 
 
 def published_rows(tasks: list[str], teacher: dict[str, dict]) -> list[dict]:
