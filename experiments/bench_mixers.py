@@ -139,7 +139,7 @@ def report(results: list[dict], args, command: str, load: str, elapsed: float) -
     lengths = args.lengths
     lo, hi = lengths[0], (4096 if 4096 in lengths else lengths[-1])
     ideal = hi / lo
-    lines = [f"# Token mixers vs causal SDPA attention (CPU)", "",
+    lines = ["# Token mixers vs causal SDPA attention (CPU)", "",
              f"Command: `{command}`", "",
              f"Width {args.hidden}, {args.heads} heads (head_dim {args.hidden // args.heads}), batch 1, float32, "
              f"{args.threads} torch thread(s), {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time, min of "
