@@ -28,6 +28,9 @@ from _bench import REPO, header, smollm2_teacher, write_report  # noqa: E402
 from subquadratic_table import run_labels  # noqa: E402  (the comparison table's run labels)
 
 
+DEFAULT_LENGTH = 512  # tokens per held-out context: 4x the comparison's training blocks
+
+
 def held_out_blocks(tokenizer, length: int, job: dict):
     """The job's held-out stream (same articles as its 128-token blocks) packed into ``length``-token blocks."""
     from opdf_exp.data import lm
@@ -69,7 +72,7 @@ def score_path(folder: Path, length: int) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (searched for results.json with a saved student/)")
-    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--length", type=int, default=DEFAULT_LENGTH)
     parser.add_argument("--edges", default="1,64,128,256,512", help="position bins (predicted token positions)")
     parser.add_argument("--blocks", type=int, default=16, help="held-out blocks of --length tokens")
     parser.add_argument("--threads", type=int, default=1)

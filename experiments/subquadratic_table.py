@@ -30,7 +30,6 @@ COLUMNS = [("perplexity", "perplexity", "{:,.1f}"), ("KL/token", "kl_per_token",
            ("state bytes T=512", "state_bytes_T512", "{:,.0f}"), ("state bytes T=4096", "state_bytes_T4096", "{:,.0f}")]
 STAGES = ("attention_transfer", "hidden_alignment", "end_to_end")
 # overrides that change where or how fast a job runs, not what it computes (beyond round-off): not in labels
-LONG_CONTEXT = 512  # the context length of experiments/context_length.py's default scores
 NOT_A_SETTING = ("task.num_threads=", "task.stages.attention_transfer.cache=", "task.stages.reuse=")
 
 
@@ -87,10 +86,12 @@ def _control_ratio(result: dict, control: dict[int, float]) -> str:
     return f"{result['metrics']['student/perplexity'] / reference:.2f}x"
 
 
-def long_context(result: dict, length: int = LONG_CONTEXT) -> dict | None:
-    """The last position bin of the job's ``context_length_<length>.json`` (experiments/context_length.py), or
-    None where the student was not scored there."""
-    path = Path(result["_path"]) / f"context_length_{length}.json"
+def long_context(result: dict) -> dict | None:
+    """The last position bin of the job's score file from experiments/context_length.py (at its default length),
+    or None where the student was not scored there."""
+    from context_length import DEFAULT_LENGTH, score_path
+
+    path = score_path(Path(result["_path"]), DEFAULT_LENGTH)
     if not path.is_file():
         return None
     bins = json.loads(path.read_text())["bins"]
@@ -106,10 +107,12 @@ def _long_context_cells(result: dict) -> list[str]:
 
 def run_rows(loaded: list[dict], common: set[str]) -> list[str]:
     control = control_perplexity(loaded)
+    from context_length import DEFAULT_LENGTH
+
     spans = {f"{b['from']}-{b['to'] - 1}" for r in loaded if (b := long_context(r))}
     span = spans.pop() if len(spans) == 1 else "last bin"
     header = ["model", "seed", "perplexity / teacher's", "perplexity / adapted teacher's", *(c[0] for c in COLUMNS),
-              f"ppl / teacher's at {span} of {LONG_CONTEXT}", f"KL at {span} of {LONG_CONTEXT}",
+              f"ppl / teacher's at {span} of {DEFAULT_LENGTH}", f"KL at {span} of {DEFAULT_LENGTH}",
               "attn-output rel. err after stage 1 (mean over layers)", "steps (1/2/3)", "train s", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher = None

@@ -414,14 +414,14 @@ def _probe_summary(probe_rows: list[dict], teacher_width: int, widths: list[int]
     return rows
 
 
-def _write_floor_artifacts(p: dict, results: list[dict], fits: dict, meas, probe_rows: list[dict], widths: list[int],
-                           hook: str, teacher_info: tuple, out: Path) -> tuple[dict, dict, list[dict]]:
+def _write_floor_artifacts(p: dict, results: list[dict], observed_predicted: tuple, fits: dict, meas,
+                           probe_rows: list[dict], widths: list[int], hook: str, teacher_info: tuple,
+                           out: Path) -> tuple[dict, dict, list[dict]]:
     """The floor study's tables, measurement files and plots in ``out``. Returns (tables shown in the job's
     summary, figure paths, probe accuracy per model and concept family)."""
     teacher_width, teacher_layers, teacher_ce = teacher_info
     s = p["sae"]
-    obs = np.array([r["observed"] for r in results])
-    pred = np.array([r["predicted"] for r in results])
+    obs, pred = observed_predicted
     tables: dict[str, str] = {}
     floor_columns = ["width", "params", "heads", "kept", "dropped", "predicted", "observed", "kl_t1", "student_ce",
                      "time_s"]
@@ -519,7 +519,7 @@ def run_floor_experiment(params: dict | None, output_dir: str | Path, seed: int 
 
     # 6. artifacts
     atomic_write_json(out / "histories.json", histories)
-    tables, figures, agg = _write_floor_artifacts(p, results, fits, meas, probe_rows, widths, hook,
+    tables, figures, agg = _write_floor_artifacts(p, results, (obs, pred), fits, meas, probe_rows, widths, hook,
                                                   (teacher_width, teacher_layers, teacher_ce), out)
     s, st, fit_primary = p["sae"], p["students"], p["fit"]["primary"]
     primary = fits[fit_primary]
