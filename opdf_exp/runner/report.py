@@ -280,11 +280,13 @@ def _experiment_report(experiment: str, jobs: list[Job], by: Sequence[str] | Non
     return ExperimentReport(experiment, metric, metrics, sorted(common), rows, full, paired)
 
 
-def _paired_stat(a: dict[Any, float], b: dict[Any, float]) -> dict | None:
+def _paired_stat(a: dict[Any, float], b: dict[Any, float], min_seeds: int = 2, scale: float = 1.0) -> dict | None:
+    """``describe`` of scale x (B − A) over the seeds both ran (their list under ``seeds``, the differences under
+    ``values``), or None below ``min_seeds`` shared seeds."""
     seeds = [s for s in a if s in b]
-    if len(seeds) < 2:
+    if len(seeds) < min_seeds:
         return None
-    stat = describe([b[s] - a[s] for s in seeds])
+    stat = describe([scale * (b[s] - a[s]) for s in seeds])
     stat["seeds"] = seeds
     return stat
 
@@ -511,12 +513,11 @@ def nearest_controls(overrides: dict[str, frozenset[str]]) -> dict[str, str]:
 
 def _paired_row(label_b: str, label_a: str, b: dict[Any, float], a: dict[Any, float]) -> dict | None:
     """B − A in score points over the seeds both ran."""
-    seeds = [s for s in a if s in b]
-    if not seeds:
+    stat = _paired_stat(a, b, min_seeds=1, scale=100.0)  # one seed still gives a row (no spread)
+    if stat is None:
         return None
-    diffs = [100.0 * (b[s] - a[s]) for s in seeds]
-    stat = describe(diffs)
-    return {"comparison": f"{label_b} − {label_a}", "n seeds": len(seeds), "mean diff": f"{stat['mean']:+.2f}",
+    diffs = stat["values"]
+    return {"comparison": f"{label_b} − {label_a}", "n seeds": len(diffs), "mean diff": f"{stat['mean']:+.2f}",
             "std": f"{stat['std']:.2f}" if stat.get("std") is not None else None, "95% CI": _fmt_ci(stat, 2),
             "better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"}
 
