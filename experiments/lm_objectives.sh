@@ -5,7 +5,8 @@
 # every arm pays the same teacher forward). Stages 1 and 2 do not depend on the objective: with
 # task.stages.reuse=true the first arm of each seed stores them and the other arms start from that student
 # (exactly: runner/stage_reuse.py), so a seed costs one prefix and four stage 3s. One thread per job.
-#   bash experiments/lm_objectives.sh
+#   bash experiments/lm_objectives.sh                 # SEEDS="2 3" for some seeds
+#   CONTROL=ce0 bash experiments/lm_objectives.sh     # the no-CE control of the forward-KL and JSD arms
 #   python -m opdf_exp.report experiments/runs/lm_objectives/gated_deltanet
 set -euo pipefail
 STUDENT=${STUDENT:-gated_deltanet}
@@ -21,6 +22,16 @@ run() {  # folder, overrides...
 }
 # One seed at a time, all four arms, so a study stopped part-way leaves whole seeds to pair. Within a seed the
 # first arm stores stages 1-2 and the next arms reuse them.
+# CONTROL=ce0: the same seeds' forward-KL and JSD(0.5) arms without the CE term (task.stages.end_to_end.ce_weight=0),
+# to test whether the CE term explains why perplexity and KL rank the objectives differently (their stages 1-2
+# come from the stored prefix of the main arms).
+if [ "${CONTROL:-}" = ce0 ]; then
+  for seed in $SEEDS; do
+    run "seed$seed/ce0" seed=$seed task.stages.end_to_end.divergence=forward_kl,jsd task.stages.end_to_end.beta=0.5 \
+      task.stages.end_to_end.ce_weight=0
+  done
+  exit 0
+fi
 for seed in $SEEDS; do
   run "seed$seed/offline" seed=$seed task.stages.end_to_end.divergence=forward_kl,reverse_kl,jsd \
     task.stages.end_to_end.beta=0.5
