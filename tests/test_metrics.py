@@ -34,3 +34,24 @@ def test_classification_always_logs_majority_share_and_regression_does_not():
     assert sorted(build_metrics("regression", 1, ["pearson"])) == ["pearson"]
     with pytest.raises(ConfigError, match="majority_share"):  # the error lists it among the known names
         build_metrics("single_label_classification", 2, ["acc", "nope"])
+
+
+def test_a_teacher_collapsed_to_one_class_is_named_in_one_warning(caplog):
+    """The RTE teacher of the GLUE study's first recipe predicted one class (validation loss ln 2): its students
+    distil a constant, which the job now says instead of leaving it to a reader of the teacher's accuracy."""
+    import logging
+
+    from opdf_exp.runner.distill_task import collapsed_teacher_splits, warn_if_teacher_collapsed
+
+    healthy = {"teacher/val/acc": 0.62, "teacher/val/majority_share": 0.7, "teacher/test/majority_share": 0.98}
+    collapsed = {**healthy, "teacher/val/majority_share": 1.0, "teacher/test/majority_share": 0.995}
+    assert collapsed_teacher_splits(healthy) == []
+    assert collapsed_teacher_splits(collapsed) == ["test", "val"]
+    assert collapsed_teacher_splits({"kd/test/majority_share": 1.0}) == []  # a student's share is not the teacher's
+    with caplog.at_level(logging.WARNING, logger="opdf_exp.runner.distill_task"):
+        warn_if_teacher_collapsed(healthy)
+        assert not caplog.records
+        warn_if_teacher_collapsed(collapsed)
+    (record,) = caplog.records
+    assert "test and val" in record.getMessage() and "teacher.finetune.optim.lr" in record.getMessage()
+    assert "\n" not in record.getMessage()

@@ -43,6 +43,7 @@ from opdf_exp.runner import app
 from opdf_exp.runner.app import config_digests, job_overrides, previous_result, without_neutral_additions
 from opdf_exp.runner.checks import align_weight, check_job_config, check_lr_scale_has_effect, check_model_shapes
 from opdf_exp.runner.loggers import add_wandb_tags, build_loggers, log_final
+from opdf_exp.runner.report import ONE_CLASS_SHARE
 from opdf_exp.runner.trainer import build_trainer, train_seconds, trainer_world_size
 from opdf_exp.utils.distributed import is_global_zero
 from opdf_exp.utils.io import atomic_folder, atomic_write_json, json_digest
@@ -163,6 +164,25 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
         with FileLock(str(cache) + ".lock"):
             return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
     return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
+
+
+def collapsed_teacher_splits(metrics: dict[str, float]) -> list[str]:
+    """The splits on which the teacher predicts (nearly) one class everywhere: ``teacher/<split>/majority_share``
+    of at least ``report.ONE_CLASS_SHARE`` (the report's one-class threshold).
+
+    Why: a teacher fine-tune that fails (the MiniLM-L6 teacher on RTE at the study's first recipe: validation loss
+    ln 2 to six digits) still yields a checkpoint, whose accuracy is the majority share of the split it was
+    selected on; every student then distils a constant, and only this says so."""
+    return [key.split("/")[1] for key, value in sorted(metrics.items())
+            if key.startswith(TEACHER_PREFIX) and key.endswith("/majority_share") and value >= ONE_CLASS_SHARE]
+
+
+def warn_if_teacher_collapsed(metrics: dict[str, float]) -> None:
+    splits = collapsed_teacher_splits(metrics)
+    if splits:
+        log.warning("the teacher predicts one class on >= %d%% of its %s split(s): its students distil a constant; "
+                    "fine-tune it longer or at another rate (teacher.finetune.optim.lr, teacher.finetune.trainer.*)",
+                    round(100 * ONE_CLASS_SHARE), " and ".join(splits))
 
 
 def _check_image_input(model_cfg: DictConfig, datamodule, role: str) -> None:
@@ -625,6 +645,7 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
                           f"{splits.num_labels} classes; set student.model.num_classes=null")
     _check_image_input(cfg.teacher.model, datamodule, "teacher")
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
+    warn_if_teacher_collapsed(teacher_metrics)
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
     reusable = reusable_rows(cfg)
     rows = []

@@ -392,7 +392,7 @@ def _glue_entries(job: Job, task: str) -> list[tuple[str, str, str, float, dict,
     return entries
 
 
-ONE_CLASS_SHARE = 0.99  # a student whose test predictions are this much one class has collapsed to it
+ONE_CLASS_SHARE = 0.99  # a classifier (student or teacher) whose predictions are this much one class has collapsed
 ONE_CLASS_COLUMN = "one-class seeds"
 
 
