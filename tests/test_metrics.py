@@ -36,22 +36,28 @@ def test_classification_always_logs_majority_share_and_regression_does_not():
         build_metrics("single_label_classification", 2, ["acc", "nope"])
 
 
-def test_a_teacher_collapsed_to_one_class_is_named_in_one_warning(caplog):
-    """The RTE teacher of the GLUE study's first recipe predicted one class (validation loss ln 2): its students
-    distil a constant, which the job now says instead of leaving it to a reader of the teacher's accuracy."""
-    import logging
+def test_a_teacher_that_learned_nothing_is_named_in_one_line_each_way():
+    """The RTE teacher of the GLUE study's first recipe ended at validation loss ln 2 (its logits equal, its
+    argmax noise): its students distil a constant, which the job now says instead of leaving it to a reader of the
+    teacher's accuracy. Two signs, each checked against hand-computed values."""
+    import math
 
-    from opdf_exp.runner.distill_task import collapsed_teacher_splits, warn_if_teacher_collapsed
+    from opdf_exp.runner.distill_task import constant_prediction_loss, teacher_warnings
 
-    healthy = {"teacher/val/acc": 0.62, "teacher/val/majority_share": 0.7, "teacher/test/majority_share": 0.98}
+    labels = [0] * 73 + [1] * 66  # RTE's selection half
+    constant = -(73 / 139 * math.log(73 / 139) + 66 / 139 * math.log(66 / 139))
+    assert constant_prediction_loss(labels) == pytest.approx(constant, rel=1e-12)  # 0.6919 nats
+    assert constant_prediction_loss([1, 1, 1]) == 0.0
+    healthy = {"teacher/val/loss": 0.55, "teacher/val/majority_share": 0.7, "teacher/test/majority_share": 0.98}
+    assert teacher_warnings(healthy, labels) == []
     collapsed = {**healthy, "teacher/val/majority_share": 1.0, "teacher/test/majority_share": 0.995}
-    assert collapsed_teacher_splits(healthy) == []
-    assert collapsed_teacher_splits(collapsed) == ["test", "val"]
-    assert collapsed_teacher_splits({"kd/test/majority_share": 1.0}) == []  # a student's share is not the teacher's
-    with caplog.at_level(logging.WARNING, logger="opdf_exp.runner.distill_task"):
-        warn_if_teacher_collapsed(healthy)
-        assert not caplog.records
-        warn_if_teacher_collapsed(collapsed)
-    (record,) = caplog.records
-    assert "test and val" in record.getMessage() and "teacher.finetune.optim.lr" in record.getMessage()
-    assert "\n" not in record.getMessage()
+    (line,) = teacher_warnings(collapsed, labels)
+    assert "one class" in line and "test and val" in line and "teacher.finetune.optim.lr" in line
+    assert teacher_warnings({"kd/test/majority_share": 1.0}, labels) == []  # a student's share is not the teacher's
+    at_chance = {**healthy, "teacher/val/loss": math.log(2)}  # the RTE teacher: above the 0.6919 of a constant
+    (line,) = teacher_warnings(at_chance, labels)
+    assert "0.6931" in line and "0.6919" in line and "teacher.finetune" in line
+    assert teacher_warnings({**healthy, "teacher/val/loss": constant - 0.011}, labels) == []  # the margin: 0.01
+    assert teacher_warnings(at_chance, labels, problem_type="regression") == []  # STS-B's loss is an MSE
+    assert teacher_warnings(at_chance, None) == []  # no labels (a source that does not expose them): no guess
+    assert all("\n" not in line for line in teacher_warnings({**collapsed, **at_chance}, labels))

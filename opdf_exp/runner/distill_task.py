@@ -19,10 +19,12 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import hydra
 import pytorch_lightning as pl
@@ -166,23 +168,41 @@ def prepare_teacher(cfg: DictConfig, datamodule, loggers: list) -> tuple[torch.n
     return _prepare_teacher(cfg, datamodule, loggers, cache, use_cache)
 
 
-def collapsed_teacher_splits(metrics: dict[str, float]) -> list[str]:
-    """The splits on which the teacher predicts (nearly) one class everywhere: ``teacher/<split>/majority_share``
-    of at least ``report.ONE_CLASS_SHARE`` (the report's one-class threshold).
-
-    Why: a teacher fine-tune that fails (the MiniLM-L6 teacher on RTE at the study's first recipe: validation loss
-    ln 2 to six digits) still yields a checkpoint, whose accuracy is the majority share of the split it was
-    selected on; every student then distils a constant, and only this says so."""
-    return [key.split("/")[1] for key, value in sorted(metrics.items())
-            if key.startswith(TEACHER_PREFIX) and key.endswith("/majority_share") and value >= ONE_CLASS_SHARE]
+UNINFORMATIVE_MARGIN = 0.01  # nats: a teacher whose validation loss is within this of a constant's tells nothing
 
 
-def warn_if_teacher_collapsed(metrics: dict[str, float]) -> None:
-    splits = collapsed_teacher_splits(metrics)
-    if splits:
-        log.warning("the teacher predicts one class on >= %d%% of its %s split(s): its students distil a constant; "
-                    "fine-tune it longer or at another rate (teacher.finetune.optim.lr, teacher.finetune.trainer.*)",
-                    round(100 * ONE_CLASS_SHARE), " and ".join(splits))
+def constant_prediction_loss(labels: Sequence[int]) -> float:
+    """The cross-entropy of the best constant prediction (the class shares themselves) on ``labels``: their
+    entropy, in nats."""
+    counts = Counter(int(label) for label in labels)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def teacher_warnings(metrics: dict[str, float], validation_labels: Sequence[int] | None = None,
+                     problem_type: str = "single_label_classification") -> list[str]:
+    """One line per sign that a fine-tuned classifier teacher learned nothing, each naming the fix.
+
+    Why: a teacher fine-tune that fails still yields a checkpoint, and its accuracy on the split it was selected
+    on looks like a score. The MiniLM-L6 teacher on RTE at the study's first recipe ended at validation loss ln 2
+    to six digits (its two logits equal on every pair, its argmax noise: 62.6 on the selection half, 49.3 on the
+    report half); every student then distils a constant. Two signs: predictions (nearly) all in one class
+    (``teacher/<split>/majority_share`` >= ``report.ONE_CLASS_SHARE``, the report's one-class threshold), and a
+    validation loss no lower than the best constant prediction's (the entropy of the validation labels)."""
+    fix = "fine-tune it longer or at another rate (teacher.finetune.optim.lr, teacher.finetune.trainer.*)"
+    out = []
+    collapsed = [key.split("/")[1] for key, value in sorted(metrics.items())
+                 if key.startswith(TEACHER_PREFIX) and key.endswith("/majority_share") and value >= ONE_CLASS_SHARE]
+    if collapsed:
+        out.append(f"the teacher predicts one class on >= {round(100 * ONE_CLASS_SHARE)}% of its "
+                   f"{' and '.join(collapsed)} split(s): its students distil a constant; {fix}")
+    loss = metrics.get(f"{TEACHER_PREFIX}val/loss")
+    if problem_type == "single_label_classification" and loss is not None and validation_labels:
+        constant = constant_prediction_loss(validation_labels)
+        if loss >= constant - UNINFORMATIVE_MARGIN:
+            out.append(f"the teacher's validation loss {loss:.4f} is no lower than a constant prediction's "
+                       f"({constant:.4f}, the entropy of the validation labels): its students distil noise; {fix}")
+    return out
 
 
 def _check_image_input(model_cfg: DictConfig, datamodule, role: str) -> None:
@@ -645,7 +665,9 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
                           f"{splits.num_labels} classes; set student.model.num_classes=null")
     _check_image_input(cfg.teacher.model, datamodule, "teacher")
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
-    warn_if_teacher_collapsed(teacher_metrics)
+    for warning in teacher_warnings(teacher_metrics, getattr(splits.validation, "labels", None),
+                                    getattr(splits, "problem_type", "single_label_classification")):
+        log.warning(warning)
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
     reusable = reusable_rows(cfg)
     rows = []
