@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from opdf_exp.errors import UserError
-from opdf_exp.runner.report import describe, report
+from opdf_exp.runner.report import describe, render_markdown, report
 from opdf_exp.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -144,7 +144,8 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
         atomic_write_json(job / "results.json", {
             "status": "complete", "task_name": "glue_cpu", "overrides": ["data=glue/mrpc", f"seed={seed}"],
             "seed": seed, "metrics": {}, "variants": variants,
-            "teacher": {"metrics": {"teacher/test/acc": 0.8, "teacher/test/f1": 0.8}, "params": {}}})
+            "teacher": {"metrics": {"teacher/test/acc": 0.8, "teacher/test/f1": 0.8}, "params": {},
+                        "warnings": ["the teacher's validation loss 0.6931 is no lower than a constant's"]}})
     glue = report([sweep], plots=False)["experiments"][0]["glue"]["tasks"]["mrpc"]
     rows = {r["model"]: r for r in glue["rows"]}
     assert set(rows) == {"teacher", "kd alone", "KD + OPDF", "KD + OPDF, auto"}
@@ -161,7 +162,11 @@ def test_glue_rows_of_one_method_and_decomposition_keep_their_variant_labels(tmp
     assert paired["KD + OPDF − kd alone"]["better in"] == "0/2"
     assert paired[nearest]["mean diff"] == "+9.50" and paired[nearest]["better in"] == "2/2"
     # the teacher beside the published dev scores of the models KD papers start from
-    published = {r["model"]: r["mrpc"] for r in report([sweep], plots=False)["experiments"][0]["glue"]["published"]}
+    # a teacher warning the jobs logged is listed once under its task's table (both seeds share the teacher)
+    assert glue["teacher_warnings"] == ["the teacher's validation loss 0.6931 is no lower than a constant's"]
+    summary = report([sweep], plots=False)
+    assert render_markdown(summary).count("**Teacher warning:** the teacher's validation loss 0.6931") == 1
+    published = {r["model"]: r["mrpc"] for r in summary["experiments"][0]["glue"]["published"]}
     assert published["teacher (this sweep, report half)"] == "80.00"
     assert published["BERT-base (12 layers), published (full dev)"] == "88.6"
 

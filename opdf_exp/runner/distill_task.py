@@ -665,9 +665,11 @@ def run(cfg: DictConfig, variants: Mapping | None = None, primary: str | None = 
                           f"{splits.num_labels} classes; set student.model.num_classes=null")
     _check_image_input(cfg.teacher.model, datamodule, "teacher")
     teacher, teacher_metrics, teacher_info = prepare_teacher(cfg, datamodule, loggers)
-    for warning in teacher_warnings(teacher_metrics, getattr(splits.validation, "labels", None),
-                                    getattr(splits, "problem_type", "single_label_classification")):
+    warnings = teacher_warnings(teacher_metrics, getattr(splits.validation, "labels", None),
+                                getattr(splits, "problem_type", "single_label_classification"))
+    for warning in warnings:
         log.warning(warning)
+    teacher_info = {**teacher_info, "warnings": warnings}  # results.json keeps them; the GLUE report prints them
     prefix = {name: f"{name}/" if len(plan) > 1 else "" for name, _, _ in plan}  # metric names per variant
     reusable = reusable_rows(cfg)
     rows = []

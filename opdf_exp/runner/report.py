@@ -407,10 +407,14 @@ def glue_tables(jobs: list[Job]) -> dict | None:
     metric_values: dict[tuple[str, ...], dict[str, dict[Any, float]]] = {}
     majority: dict[tuple[str, ...], dict[Any, float]] = {}  # test/majority_share per seed, where logged
     params: dict[tuple[str, ...], dict] = {}
+    teacher_warnings: dict[str, list[str]] = {}  # per task, as the jobs logged them (runner.distill_task)
     for job in sorted(jobs, key=lambda j: str(j.folder)):
         task = _glue_task_of(job)
         if task is None:
             continue
+        for warning in (job.payload.get("teacher") or {}).get("warnings") or []:
+            if warning not in teacher_warnings.setdefault(task, []):
+                teacher_warnings[task].append(warning)
         seed = job.seed if job.seed is not None else str(job.folder)
         for method, decomposition, variant_label, score, metrics, part_params in _glue_entries(job, task):
             row = (method, decomposition, variant_label)
@@ -458,7 +462,8 @@ def glue_tables(jobs: list[Job]) -> dict | None:
             out["inference params"] = params[(*row, task)].get("inference")
             rows.append(out)
         per_task[task] = {"rows": rows, "paired": _glue_paired({r: v[task] for r, v in scores.items() if task in v},
-                                                               label, controls)}
+                                                               label, controls),
+                          "teacher_warnings": teacher_warnings.get(task, [])}
     averaged = [t for t in tasks if t not in GLUE_AVERAGE_EXCLUDES]
     averages = _per_seed_averages(scores, order, averaged)
     average_rows = []
@@ -583,6 +588,8 @@ def _render_glue(glue: dict) -> list[str]:
     for task, table in glue["tasks"].items():
         parts.append(f"### GLUE {task} (test = the reported split; score ×100, mean ± std over seeds)\n")
         parts.append(markdown_table(table["rows"]) + "\n")
+        if table.get("teacher_warnings"):  # a teacher that learned nothing: its students' rows distil a constant
+            parts.append("\n".join(f"- **Teacher warning:** {w}" for w in table["teacher_warnings"]) + "\n")
         if table["paired"]:
             parts.append(markdown_table(table["paired"]) + "\n")
     if glue.get("published"):
