@@ -226,6 +226,37 @@ def test_a_finished_job_is_rerun_when_its_config_changed_and_kept_when_told(tmp_
         run_task(cfg)
 
 
+def test_a_relaunch_that_spells_the_same_config_differently_keeps_the_result(tmp_path, caplog):
+    """Pinning a value equal to its default (a study script that pins ``student.rope=false`` before the default
+    flips) is the same job: kept, and the result takes the new spelling (reports group by it) while remembering
+    the one it was made with. Pinning another value, or a result without location-free digests, reruns."""
+    from opdf_exp.runner.app import run_task
+    from tests.helpers.hydra import compose_job
+
+    overrides = ["+experiment=geometric_toy_smoke", "task.train.steps=20", "task.eval.samples=1024", "logger=none"]
+    with compose_job(overrides, tmp_path) as cfg:
+        first = run_task(cfg)
+        default_steps, default_seed = int(cfg.task.train.steps), int(cfg.seed)
+    pinned = overrides + [f"seed={default_seed}"]  # the default, now written out
+    with compose_job(pinned, tmp_path) as cfg, caplog.at_level("INFO"):
+        kept = run_task(cfg)
+    assert kept["skipped"] is True and json.dumps(kept["metrics"]) == json.dumps(first["metrics"])
+    assert any("which give the same config" in r.getMessage() for r in caplog.records)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["overrides"] == pinned and stored["overrides_as_run"] == overrides
+    with compose_job(list(reversed(pinned)), tmp_path) as cfg:  # another order: still the same job
+        assert run_task(cfg)["skipped"] is True
+    assert json.loads((tmp_path / "results.json").read_text())["overrides_as_run"] == overrides
+    stored.pop("config_digests_format")  # a result of the old digest format cannot vouch for its config
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    with compose_job(overrides, tmp_path) as cfg:
+        assert "skipped" not in run_task(cfg)
+    changed = overrides[:1] + [f"task.train.steps={default_steps + 1}"] + overrides[2:]
+    with compose_job(changed, tmp_path) as cfg:
+        rerun = run_task(cfg)
+    assert "skipped" not in rerun and json.dumps(rerun["metrics"]) != json.dumps(first["metrics"])
+
+
 def test_a_key_added_at_its_neutral_value_keeps_finished_results(tmp_path, monkeypatch, caplog):
     """A new option changes its entry's digest. Registered in NEUTRAL_ADDITIONS with the value that reproduces
     the jobs before it, it keeps their results at that value and reruns them at any other; unregistered, it

@@ -188,13 +188,36 @@ def previous_result(output_dir: Path, overrides: list[str] | None = None, path: 
     return payload
 
 
+def same_config_spelled_differently(payload: dict, overrides: list[str], cfg: DictConfig | None) -> bool:
+    """Whether a result made with other overrides was made with exactly this job's config: a relaunch that pins a
+    value equal to its default (``student.rope=false`` before the default flips), or writes a list in another
+    order, is the same job. Only results whose digests are location-free can say so, and every entry must match
+    (no neutral additions, no ``resume=overrides`` leniency): anything less reruns."""
+    stored = payload.get("config_digests")
+    if cfg is None or not stored or payload.get("config_digests_format") != DIGESTS_FORMAT:
+        return False
+    return config_digests(cfg) == stored
+
+
+def adopt_overrides(path: Path, payload: dict, overrides: list[str]) -> dict:
+    """Rewrite a reused result under this launch's overrides (reports group jobs by them), keeping the spelling
+    it was made with in ``overrides_as_run``. Atomic, like every results.json write."""
+    adopted = {**payload, "overrides": list(overrides),
+               "overrides_as_run": payload.get("overrides_as_run", payload.get("overrides", []))}
+    if is_global_zero():
+        atomic_write_json(path, adopted)
+    return adopted
+
+
 def completed_result(output_dir: Path, overrides: list[str], cfg: DictConfig | None = None,
                      resume: str = "auto") -> dict | None:
     """The stored result of this job when its folder holds a complete ``results.json`` for the same overrides
     (a relaunched sweep reuses ``hydra.sweep.dir``) and, with ``resume=auto``, the same config (``cfg``'s
     :func:`config_digests`); ``None`` otherwise. ``resume=overrides`` keeps a result whose config differs (saying
     which entries do). Results written before digests were stored are kept; results whose digests hashed the
-    folders (no ``config_digests_format``) are compared on every entry that names no folder."""
+    folders (no ``config_digests_format``) are compared on every entry that names no folder. A result made with
+    other overrides that spell the identical config is kept too, and takes this launch's overrides
+    (:func:`same_config_spelled_differently`)."""
     path = output_dir / RESULTS_FILE
     if not path.is_file():
         return None
@@ -202,8 +225,14 @@ def completed_result(output_dir: Path, overrides: list[str], cfg: DictConfig | N
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if payload.get("status") != "complete" or list(payload.get("overrides", [])) != list(overrides):
+    if payload.get("status") != "complete":
         return None
+    if list(payload.get("overrides", [])) != list(overrides):
+        if resume == "never" or not same_config_spelled_differently(payload, overrides, cfg):
+            return None
+        log.info("kept %s: made with the overrides %s, which give the same config as %s", path,
+                 " ".join(payload.get("overrides", [])) or "(none)", " ".join(overrides) or "(none)")
+        return adopt_overrides(path, payload, overrides)
     stored = payload.get("config_digests")
     if cfg is None or stored is None:
         return payload
