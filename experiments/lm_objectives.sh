@@ -11,8 +11,12 @@
 set -euo pipefail
 STUDENT=${STUDENT:-gated_deltanet}
 ROOT=experiments/runs/lm_objectives/$STUDENT
-COMMON=(+experiment=subquadratic_cpu student=subquadratic/$STUDENT task.stages.attention_transfer.cache=disk
-        task.stages.end_to_end.teacher_cache=null task.stages.reuse=true task.num_threads=1)
+# student.rope=false: the study ran before RoPE became a candidate default for GLA, RetNet and Gated DeltaNet
+# (results/rope_screen.md); pinned, so a relaunch reproduces it whatever the default (the finished jobs, made with
+# the default spelled implicitly, are the same config and are kept).
+COMMON=(+experiment=subquadratic_cpu student=subquadratic/$STUDENT student.rope=false
+        task.stages.attention_transfer.cache=disk task.stages.end_to_end.teacher_cache=null task.stages.reuse=true
+        task.num_threads=1)
 SEEDS=${SEEDS:-1 2 3}
 run() {  # folder, overrides...
   local name=$1; shift
