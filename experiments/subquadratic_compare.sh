@@ -24,7 +24,7 @@ GRID=()
 for mixer in gla gated_deltanet; do
   for variant in random_init no_stage1 no_stage2 matrix rope_on; do GRID+=("grid_${mixer}_${variant}"); done
 done
-GRID+=(grid_retnet_rope_on)
+GRID+=(grid_retnet_rope_off)  # RoPE is RetNet's default since the grid measured it (folders moved to match)
 HYBRIDS=(hybrid_gla_auto4 hybrid_gla_auto_kl4)
 
 names=()

@@ -230,6 +230,7 @@ def test_a_relaunch_that_spells_the_same_config_differently_keeps_the_result(tmp
     """Pinning a value equal to its default (a study script that pins ``student.rope=false`` before the default
     flips) is the same job: kept, and the result takes the new spelling (reports group by it) while remembering
     the one it was made with. Pinning another value, or a result without location-free digests, reruns."""
+    from opdf_exp.runner import app
     from opdf_exp.runner.app import run_task
     from tests.helpers.hydra import compose_job
 
@@ -247,9 +248,15 @@ def test_a_relaunch_that_spells_the_same_config_differently_keeps_the_result(tmp
     with compose_job(list(reversed(pinned)), tmp_path) as cfg:  # another order: still the same job
         assert run_task(cfg)["skipped"] is True
     assert json.loads((tmp_path / "results.json").read_text())["overrides_as_run"] == overrides
-    stored.pop("config_digests_format")  # a result of the old digest format cannot vouch for its config
+    # a result of the old digest format (folders hashed into "callbacks") vouches for every other entry...
+    stored.pop("config_digests_format")
     (tmp_path / "results.json").write_text(json.dumps(stored))
     with compose_job(overrides, tmp_path) as cfg:
+        assert run_task(cfg)["skipped"] is True
+    # ...but not for an override that writes the entry it cannot compare
+    assert "config_digests_format" not in json.loads((tmp_path / "results.json").read_text())
+    with compose_job(overrides + ["callbacks=default"], tmp_path) as cfg:
+        assert "callbacks" in app.location_bound_entries(cfg)
         assert "skipped" not in run_task(cfg)
     changed = overrides[:1] + [f"task.train.steps={default_steps + 1}"] + overrides[2:]
     with compose_job(changed, tmp_path) as cfg:

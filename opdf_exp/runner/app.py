@@ -188,15 +188,42 @@ def previous_result(output_dir: Path, overrides: list[str] | None = None, path: 
     return payload
 
 
+def _override_entry(override: str) -> str:
+    """The top-level config entry an override writes: ``student.rope=false`` and ``student=...`` -> ``student``;
+    ``+experiment=...`` -> ``experiment`` (a group that may write any entry: callers treat it as such)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split(".", 1)[0].split("@", 1)[0]
+
+
+def differing_config_entries(payload: dict, cfg: DictConfig) -> tuple[list[str], list[str], set[str]]:
+    """The top-level entries whose digest differs between a stored result and this job's config: without and with
+    the registered neutral additions, and the entries that cannot be compared (a result of the old digest format
+    hashed the folders where it ran into the entries that name them)."""
+    stored = payload.get("config_digests") or {}
+    location_free = payload.get("config_digests_format") == DIGESTS_FORMAT
+    unknown = set() if location_free else location_bound_entries(cfg)
+
+    def differing(additions: dict[str, Any] | None) -> list[str]:
+        digests = config_digests(cfg, location_free=location_free, neutral_additions=additions)
+        return sorted(k for k in set(stored) | set(digests) if k not in unknown and stored.get(k) != digests.get(k))
+
+    plain = differing(None)
+    return plain, (differing(NEUTRAL_ADDITIONS) if plain and NEUTRAL_ADDITIONS else plain), unknown
+
+
 def same_config_spelled_differently(payload: dict, overrides: list[str], cfg: DictConfig | None) -> bool:
     """Whether a result made with other overrides was made with exactly this job's config: a relaunch that pins a
     value equal to its default (``student.rope=false`` before the default flips), or writes a list in another
-    order, is the same job. Only results whose digests are location-free can say so, and every entry must match
-    (no neutral additions, no ``resume=overrides`` leniency): anything less reruns."""
-    stored = payload.get("config_digests")
-    if cfg is None or not stored or payload.get("config_digests_format") != DIGESTS_FORMAT:
+    order, is the same job. Its digests must match on every entry (a key added since at its neutral value
+    included, as for the same overrides); a result of the old digest format, whose folder-naming entries cannot be
+    compared, qualifies only when no override that differs writes one of those entries. No digests: rerun."""
+    if cfg is None or not payload.get("config_digests"):
         return False
-    return config_digests(cfg) == stored
+    plain, with_neutral, unknown = differing_config_entries(payload, cfg)
+    if plain and with_neutral:
+        return False
+    changed = set(overrides) ^ set(map(str, payload.get("overrides", [])))
+    return not ({_override_entry(o) for o in changed} & (unknown | {"experiment"} if unknown else set()))
 
 
 def adopt_overrides(path: Path, payload: dict, overrides: list[str]) -> dict:
@@ -233,19 +260,10 @@ def completed_result(output_dir: Path, overrides: list[str], cfg: DictConfig | N
         log.info("kept %s: made with the overrides %s, which give the same config as %s", path,
                  " ".join(payload.get("overrides", [])) or "(none)", " ".join(overrides) or "(none)")
         return adopt_overrides(path, payload, overrides)
-    stored = payload.get("config_digests")
-    if cfg is None or stored is None:
+    if cfg is None or payload.get("config_digests") is None:
         return payload
-    location_free = payload.get("config_digests_format") == DIGESTS_FORMAT
-    # the old format hashed the folders where the job ran: those entries cannot be compared
-    unknown = set() if location_free else location_bound_entries(cfg)
-
-    def differing_entries(additions: dict[str, Any] | None) -> list[str]:
-        digests = config_digests(cfg, location_free=location_free, neutral_additions=additions)
-        return sorted(k for k in set(stored) | set(digests) if k not in unknown and stored.get(k) != digests.get(k))
-
-    differing = differing_entries(None)
-    if differing and NEUTRAL_ADDITIONS and not differing_entries(NEUTRAL_ADDITIONS):
+    differing, with_neutral, _ = differing_config_entries(payload, cfg)
+    if differing and not with_neutral:
         log.info("kept %s: its config differs only by keys added since, at their neutral values (%s)", path,
                  ", ".join(sorted(NEUTRAL_ADDITIONS)))
         return payload
