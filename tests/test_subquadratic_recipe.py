@@ -47,6 +47,25 @@ def test_lora_adapters_start_neutral_train_the_right_parameters_and_merge_exactl
     assert mixers_only["trainable"] == sum(p.numel() for m in student.mixers().values() for p in m.parameters())
 
 
+@pytest.mark.parametrize("arch, missing", [("mamba2", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                            ("metala", ["k_proj"])])
+def test_the_recipe_lora_targets_serve_families_without_attention_projections(teacher, arch, missing, caplog):
+    """The recipe's one target list names the attention projections; Mamba2 has in_proj/out_proj instead and MetaLA
+    no k_proj. Those names are dropped for them (one log line), their mixers train in full, and the MLPs (and the
+    projections the family has) get adapters; naming only absent projections is still an error."""
+    student = convert(teacher, arch)
+    with caplog.at_level("INFO", logger="opdf_exp.subquadratic.adapters"):
+        counts = set_train_mode(student, "lora", {"r": 2})
+    assert any(f"the student has no {', '.join(missing)}" in r.getMessage() for r in caplog.records)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert counts["adapter"] > 0 and any("mlp.down_proj.lora_A" in n for n in trainable)
+    for mixer in student.mixers().values():  # every mixer parameter but an adapted base weight trains
+        assert all(p.requires_grad for n, p in mixer.named_parameters() if "base_layer" not in n)
+    assert merge_adapters(student) > 0
+    with pytest.raises(ConfigError, match=r"lora.target_modules \['k_proj'\] match no linear layer"):
+        set_train_mode(convert(teacher, arch), "lora", {"target_modules": ["k_proj"]})
+
+
 def test_train_mode_bad_input_is_one_line(teacher):
     student = convert(teacher, "gla")
     with pytest.raises(ConfigError, match=r"lora.target_modules \['qkv'\] match no linear layer of the student; "

@@ -16,26 +16,42 @@ Modes (``stages.<stage>.train``):
 """
 from __future__ import annotations
 
+import logging
+
 import torch.nn as nn
 
 from opdf_exp.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 TRAIN_MODES = ("all", "mixers", "lora")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_TARGETS = (*ATTENTION_PROJECTIONS, "gate_proj", "up_proj", "down_proj")
 
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def check_lora_targets(model: nn.Module, targets) -> None:
-    """Each target suffix must name at least one nn.Linear of ``model``; the error lists the names there are."""
+def check_lora_targets(model: nn.Module, targets) -> list[str]:
+    """The target suffixes that name at least one nn.Linear of ``model``.
+
+    The attention projections (``ATTENTION_PROJECTIONS``) are family-dependent: Mamba2 has ``in_proj``/``out_proj``
+    instead, MetaLA no ``k_proj``. The recipe's one target list serves every family, so those names are dropped
+    where a family lacks them, with one log line (that family's own projections are mixer parameters, which train
+    in full in LoRA mode). Any other unmatched name is a typo or another model's name, and no match at all means
+    no adapter: both are errors that list the names there are."""
     names = _linear_names(model)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-    if unmatched:
+    matched = [t for t in targets if any(n == t or n.endswith(f".{t}") for n in names)]
+    unmatched = [t for t in targets if t not in matched]
+    if not matched or any(t not in ATTENTION_PROJECTIONS for t in unmatched):
         raise ConfigError(f"lora.target_modules {unmatched} match no linear layer of the student; its linear "
                           f"layers are named {', '.join(suffixes)}")
+    if unmatched:
+        log.info("lora: the student has no %s (its mixers' own projections train in full); adapters on %s",
+                 ", ".join(unmatched), ", ".join(matched))
+    return matched
 
 
 def set_train_mode(student: nn.Module, mode: str, lora: dict | None = None) -> dict[str, int]:
@@ -56,8 +72,7 @@ def set_train_mode(student: nn.Module, mode: str, lora: dict | None = None) -> d
             mixer.requires_grad_(True)
     else:
         options = dict(lora or {})
-        targets = list(options.pop("target_modules", DEFAULT_TARGETS))
-        check_lora_targets(student, targets)
+        targets = check_lora_targets(student, list(options.pop("target_modules", DEFAULT_TARGETS)))
         import opdf_exp  # noqa: F401  (torchvision shim before peft imports transformers' vision parts)
         from peft import LoraConfig, inject_adapter_in_model
 
