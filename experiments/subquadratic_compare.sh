@@ -28,6 +28,7 @@ GRID+=(grid_retnet_rope_off)  # RoPE is RetNet's default since the grid measured
 HYBRIDS=(hybrid_gla_auto4 hybrid_gla_auto_kl4)
 
 names=()
+failed=()
 for arg in "${@:-comparison}"; do
   case $arg in
     comparison) names+=("${MIXERS[@]}") ;;
@@ -72,10 +73,12 @@ for name in "${names[@]}"; do
     *) spec=(student=subquadratic/$name "${stage1[@]}") ;;
   esac
   echo "== $name (seeds $SEEDS) $(date -u +%FT%TZ)"
+  # a failed run (its error.txt says why) does not stop the runs queued after it; the script fails at the end
   ${DRY:+echo} /usr/bin/time -f "$name: %e s wall, %M KiB max RSS" \
     python -m opdf_exp -m +experiment=subquadratic_cpu "${spec[@]}" task.num_threads=1 seed="$SEEDS" \
-      hydra.sweep.dir="$root/$name"
+      hydra.sweep.dir="$root/$name" || { failed+=("$name"); continue; }
   # the run's students on 512-token contexts (kept in each job's context_length_512.json, which the table reads;
   # a student already scored is not scored again)
   ${DRY:+echo} python experiments/context_length.py "$root/$name" --out "$root/$name/context_length.md"
 done
+if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]} (see error.txt in their folders)" >&2; exit 1; fi
