@@ -222,8 +222,11 @@ def same_config_spelled_differently(payload: dict, overrides: list[str], cfg: Di
     plain, with_neutral, unknown = differing_config_entries(payload, cfg)
     if plain and with_neutral:
         return False
+    if not unknown:  # every entry was compared
+        return True
     changed = set(overrides) ^ set(map(str, payload.get("overrides", [])))
-    return not ({_override_entry(o) for o in changed} & (unknown | {"experiment"} if unknown else set()))
+    written = {_override_entry(o) for o in changed}
+    return not written & (unknown | {"experiment"})  # an experiment file may write an uncompared entry
 
 
 def adopt_overrides(path: Path, payload: dict, overrides: list[str]) -> dict:
