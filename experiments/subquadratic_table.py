@@ -6,7 +6,8 @@ issue's columns: one row per run (perplexity and its ratio to the teacher's and,
 that corpus-adapted teacher's, since stage 3's CE on the corpus lowers any model's perplexity there; KL, recall
 probes, size, speed, state, the ratio and KL at the last positions of 512-token contexts where
 ``experiments/context_length.py`` scored the student, stage-1 fidelity, steps and times), then per student the mean over seeds, and paired differences between students
-that share seeds (the log-perplexity difference, so a ratio of perplexities, with its spread over seeds). With
+that share seeds (the log-perplexity difference, so a ratio of perplexities, with its spread over seeds), and every
+variant (a run with overrides, as the technique grid's) against its student's defaults at the same seed. With
 ``--curves`` it draws the recovery curves (held-out perplexity against training tokens: after conversion, after
 each stage and inside stage 3) of the students named, or of the best three by mean perplexity.
 
@@ -185,6 +186,40 @@ def paired_rows(groups: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
+def _stage1_error(result: dict) -> float | None:
+    errors = [float(v["output_rel_err"]) for v in (result.get("layer_fidelity") or {}).values()
+              if isinstance(v, dict) and v.get("output_rel_err") is not None]
+    return sum(errors) / len(errors) if errors else None
+
+
+def variant_rows(groups: dict[str, dict[int, dict]]) -> list[str]:
+    """The technique grid read as controls: every run labelled ``<student> (<overrides>)`` against the run of the
+    same student at its defaults and the same seed (same data order, same teacher targets), so each row isolates
+    what its overrides change. The perplexity ratio is exp(mean Δ log ppl) over the shared seeds."""
+    lines = ["| student | variant | seeds | ppl ratio to the default (per seed) | Δ KL/token | stage-1 err default → variant |",
+             "|---|---|---|---|---|---|"]
+    for label in sorted(groups):
+        if " (" not in label or label.startswith("teacher control"):
+            continue
+        student, variant = label.split(" (", 1)
+        default = groups.get(student)
+        seeds = sorted(set(groups[label]) & set(default or {}))
+        if not seeds:
+            continue
+        runs, bases = [groups[label][s] for s in seeds], [default[s] for s in seeds]
+        diffs = [math.log(r["metrics"]["student/perplexity"] / b["metrics"]["student/perplexity"])
+                 for r, b in zip(runs, bases)]
+        kl = statistics.fmean(r["metrics"]["student/kl_per_token"] - b["metrics"]["student/kl_per_token"]
+                              for r, b in zip(runs, bases))
+        errors = [statistics.fmean(e) if (e := [x for x in map(_stage1_error, group) if x is not None]) else None
+                  for group in (bases, runs)]
+        error_text = " → ".join("–" if e is None else f"{e:.3f}" for e in errors)
+        lines.append(f"| {student} | {variant[:-1]} | {','.join(map(str, seeds))} | "
+                     f"{math.exp(statistics.fmean(diffs)):.2f}x ({', '.join(f'{math.exp(d):.2f}' for d in diffs)}) "
+                     f"| {kl:+.3f} | {error_text} |")
+    return lines if len(lines) > 2 else []
+
+
 def plot_curves(groups: dict[str, dict[int, dict]], names: list[str] | None, path: Path) -> list[str]:
     """Held-out perplexity (log scale) against training tokens, one line per student (its lowest seed)."""
     import matplotlib
@@ -238,6 +273,9 @@ def main(argv: list[str]) -> None:
     paired = paired_rows(groups)
     if paired:
         lines += ["## Paired by seed", "", *paired, ""]
+    variants = variant_rows(groups)
+    if variants:
+        lines += ["## Each variant against its student's defaults (same seed)", "", *variants, ""]
     if args.curves:
         chosen = plot_curves(groups, args.curve_students, Path(args.curves))
         lines += [f"Recovery curves of {', '.join(chosen)}: `{args.curves}`.", ""]

@@ -173,15 +173,21 @@ def location_bound_entries(cfg: DictConfig) -> set[str]:
     return {key for key, digest in as_written.items() if digest != location_free.get(key)}
 
 
-def previous_result(output_dir: Path, overrides: list[str] | None = None, path: Path | None = None) -> dict | None:
-    """A complete earlier result of this job's folder (``results.previous.json``, or ``path``) made with the same
-    overrides, whose config has since changed; ``None`` when there is none."""
-    path = path or output_dir / PREVIOUS_RESULTS_FILE
+def complete_payload(path: Path) -> dict | None:
+    """The results file at ``path`` when it reads and says the job completed; ``None`` when it is missing, torn or
+    from a job that failed or was stopped."""
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if payload.get("status") != "complete":
+    return payload if isinstance(payload, dict) and payload.get("status") == "complete" else None
+
+
+def previous_result(output_dir: Path, overrides: list[str] | None = None, path: Path | None = None) -> dict | None:
+    """A complete earlier result of this job's folder (``results.previous.json``, or ``path``) made with the same
+    overrides, whose config has since changed; ``None`` when there is none."""
+    payload = complete_payload(path or output_dir / PREVIOUS_RESULTS_FILE)
+    if payload is None:
         return None
     if overrides is not None and list(payload.get("overrides", [])) != list(overrides):
         return None
@@ -249,13 +255,8 @@ def completed_result(output_dir: Path, overrides: list[str], cfg: DictConfig | N
     other overrides that spell the identical config is kept too, and takes this launch's overrides
     (:func:`same_config_spelled_differently`)."""
     path = output_dir / RESULTS_FILE
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if payload.get("status") != "complete":
+    payload = complete_payload(path)
+    if payload is None:
         return None
     if list(payload.get("overrides", [])) != list(overrides):
         if resume == "never" or not same_config_spelled_differently(payload, overrides, cfg):
