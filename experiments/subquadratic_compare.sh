@@ -22,9 +22,11 @@ MIXERS=(gated_deltanet teacher_control retnet lolcats_window64 transformer delta
         linear_attention gla)
 GRID=()
 for mixer in gla gated_deltanet; do
-  for variant in random_init no_stage1 no_stage2 matrix rope_on; do GRID+=("grid_${mixer}_${variant}"); done
+  for variant in random_init no_stage1 no_stage2 matrix; do GRID+=("grid_${mixer}_${variant}"); done
 done
-GRID+=(grid_retnet_rope_off)  # RoPE is RetNet's default since the grid measured it (folders moved to match)
+# RoPE, the setting that is not the family's default: RetNet and Gated DeltaNet have had RoPE by default since the
+# grid measured it through the whole recipe (their folders moved to match), GLA not yet
+GRID+=(grid_gla_rope_on grid_gated_deltanet_rope_off grid_retnet_rope_off)
 HYBRIDS=(hybrid_gla_auto4 hybrid_gla_auto_kl4)
 
 names=()

@@ -264,6 +264,33 @@ def test_a_relaunch_that_spells_the_same_config_differently_keeps_the_result(tmp
     assert "skipped" not in rerun and json.dumps(rerun["metrics"]) != json.dumps(first["metrics"])
 
 
+def test_a_rerun_stopped_part_way_does_not_cost_the_finished_result(tmp_path, monkeypatch):
+    """A finished result that a relaunch does not reuse (here: made with other overrides and no digests, so its
+    config cannot be vouched for) is set aside while the job reruns, not deleted: stopping that rerun leaves it in
+    results.replaced.json; the rerun's own result, once written, supersedes it."""
+    import hydra
+
+    from opdf_exp.runner.app import REPLACED_RESULTS_FILE, run_task
+    from tests.helpers.hydra import compose_job
+
+    overrides = ["+experiment=geometric_toy_smoke", "task.train.steps=20", "task.eval.samples=1024", "logger=none"]
+    finished = {"status": "complete", "overrides": overrides[:-1], "metrics": {"loss": 0.5}}
+    (tmp_path / "results.json").write_text(json.dumps(finished))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped part-way")
+
+    with compose_job(overrides, tmp_path) as cfg:
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(hydra.utils, "instantiate", stopped)
+            run_task(cfg)
+        assert not (tmp_path / "results.json").exists()  # never a stale result for this job...
+        assert json.loads((tmp_path / REPLACED_RESULTS_FILE).read_text()) == finished  # ...nor a lost one
+        rerun = run_task(cfg)
+    assert "skipped" not in rerun and not (tmp_path / REPLACED_RESULTS_FILE).exists()
+    assert json.loads((tmp_path / "results.json").read_text())["overrides"] == overrides
+
+
 def test_a_key_added_at_its_neutral_value_keeps_finished_results(tmp_path, monkeypatch, caplog):
     """A new option changes its entry's digest. Registered in NEUTRAL_ADDITIONS with the value that reproduces
     the jobs before it, it keeps their results at that value and reruns them at any other; unregistered, it

@@ -31,6 +31,7 @@ from opdf_exp.utils.io import atomic_write_json, atomic_write_text, json_digest
 log = logging.getLogger("opdf_exp")
 RESULTS_FILE = "results.json"
 PREVIOUS_RESULTS_FILE = "results.previous.json"
+REPLACED_RESULTS_FILE = "results.replaced.json"  # a finished result a rerun set aside until it finishes
 ERROR_FILE = "error.txt"
 CONFIG_TREE_FILE = "config_tree.txt"
 RESUME_MODES = ("auto", "overrides", "never")
@@ -316,6 +317,13 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
             # a finished job of the same overrides whose config changed: a multi-variant task reuses the rows of
             # variants whose own config is unchanged (runner/distill_task.py); nobody reads it as this job's result
             os.replace(results_path, output_dir / PREVIOUS_RESULTS_FILE)
+        if complete_payload(results_path) is not None:
+            # a finished result this job does not reuse (other overrides or config, or resume=never) is set aside,
+            # not deleted: a rerun stopped part-way (or started by mistake) must not cost a finished result; it
+            # goes when this job's own result is written
+            os.replace(results_path, output_dir / REPLACED_RESULTS_FILE)
+            log.info("the earlier result of %s is kept as %s until this job finishes", output_dir,
+                     REPLACED_RESULTS_FILE)
         for stale in (results_path, output_dir / ERROR_FILE):
             if stale.exists():
                 stale.unlink()  # a re-used folder must never show a stale result or error for this job
@@ -342,7 +350,8 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     payload.update({k: v for k, v in result.items() if k not in payload and k != "tables"})
     if is_global_zero():
         atomic_write_json(results_path, payload)
-        (output_dir / PREVIOUS_RESULTS_FILE).unlink(missing_ok=True)
+        for superseded in (PREVIOUS_RESULTS_FILE, REPLACED_RESULTS_FILE):
+            (output_dir / superseded).unlink(missing_ok=True)
         for name, table in result.get("tables", {}).items():
             print(f"\n{name}\n{table}\n")
         log.info("results written to %s (%.1f s)", results_path, wall)
