@@ -24,9 +24,9 @@ GRID=()
 for mixer in gla gated_deltanet; do
   for variant in random_init no_stage1 no_stage2 matrix; do GRID+=("grid_${mixer}_${variant}"); done
 done
-# RoPE, the setting that is not the family's default: RetNet and Gated DeltaNet have had RoPE by default since the
-# grid measured it through the whole recipe (their folders moved to match), GLA not yet
-GRID+=(grid_gla_rope_on grid_gated_deltanet_rope_off grid_retnet_rope_off)
+# RoPE off: GLA, Gated DeltaNet and RetNet have had the teacher's RoPE by default since the grid measured it
+# through the whole recipe (their folders moved to match)
+GRID+=(grid_gla_rope_off grid_gated_deltanet_rope_off grid_retnet_rope_off)
 HYBRIDS=(hybrid_gla_auto4 hybrid_gla_auto_kl4)
 
 names=()
@@ -68,10 +68,12 @@ for name in "${names[@]}"; do
         rope_off) spec+=(student.rope=false) ;;
         *) echo "unknown grid variant: $variant" >&2; exit 2 ;;
       esac ;;
+    # the two criteria were compared before GLA's default took RoPE: pinned off, so they stay comparable with
+    # each other and with grid_gla_rope_off
     hybrid_gla_auto4) root=experiments/runs/subquadratic_hybrids
-      spec=(student=subquadratic/gla student.attention_layers=auto:4 "${stage1[@]}") ;;
+      spec=(student=subquadratic/gla student.attention_layers=auto:4 student.rope=false "${stage1[@]}") ;;
     hybrid_gla_auto_kl4) root=experiments/runs/subquadratic_hybrids
-      spec=(student=subquadratic/gla student.attention_layers=auto_kl:4 "${stage1[@]}") ;;
+      spec=(student=subquadratic/gla student.attention_layers=auto_kl:4 student.rope=false "${stage1[@]}") ;;
     *) spec=(student=subquadratic/$name "${stage1[@]}") ;;
   esac
   echo "== $name (seeds $SEEDS) $(date -u +%FT%TZ)"
