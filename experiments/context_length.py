@@ -11,8 +11,9 @@ does. Each run folder's saved student (``<job>/student``, written by the subquad
 SmolLM2-135M teacher score the same held-out BBC stream (the task's document split, ``data.split_seed``,
 ``data.max_train_tokens``), packed into ``--length``-token blocks instead of 128. One thread by default.
 
-Each job's bins are kept in ``<job>/context_length_<length>.json``, keyed on the student's bytes, the data and the
-bins, so a rerun over a grown comparison scores only the new students; ``subquadratic_table.py`` shows the
+Each job's bins are kept in ``<job>/context_length_<length>.json``, keyed on the student's bytes, the run that trained
+it (its metrics), the data and the bins, so a rerun over a grown comparison scores only the new students, and a
+clone without the students (they are not committed) still tabulates the committed scores; ``subquadratic_table.py`` shows the
 ratio and KL of the last bin beside the 128-token numbers.
 """
 from __future__ import annotations
@@ -56,12 +57,35 @@ def student_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def result_digest(job: dict) -> str:
+    """sha256 of the job's metrics: which training run a score belongs to, when its student is not on this machine
+    (students are not committed; the metrics do not change when a relaunch adopts new overrides)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(job.get("metrics", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def score_key(folder: Path, job: dict, args) -> dict:
-    """What a job's position bins depend on: the student's bytes, the packed held-out stream and the bins."""
+    """What a job's position bins depend on: the student's bytes (``None`` when it is not on this machine), the run
+    that trained it, the packed held-out stream and the bins."""
     overrides = dict(o.split("=", 1) for o in job.get("overrides", []) if "=" in o)
-    return {"student": student_digest(folder), "teacher": "smollm2_135m (packaged GGUF)", "length": args.length,
-            "edges": args.edges, "blocks": args.blocks, "split_seed": overrides.get("data.split_seed", "0"),
+    student = student_digest(folder) if has_student(folder) else None
+    return {"student": student, "result": result_digest(job), "teacher": "smollm2_135m (packaged GGUF)",
+            "length": args.length, "edges": args.edges, "blocks": args.blocks,
+            "split_seed": overrides.get("data.split_seed", "0"),
             "max_train_tokens": overrides.get("data.max_train_tokens", "200000")}
+
+
+def has_student(folder: Path) -> bool:
+    return (folder / "student" / "config.json").is_file()
+
+
+def kept_score_applies(kept: dict, key: dict) -> bool:
+    """A kept score is this job's when everything it depends on matches; without the student on this machine (a
+    fresh clone: students are not committed) the run that trained it stands in for its bytes."""
+    if kept == key:
+        return True
+    return key["student"] is None and {**kept, "student": None} == key
 
 
 def score_path(folder: Path, length: int) -> Path:
@@ -71,7 +95,8 @@ def score_path(folder: Path, length: int) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders (searched for results.json with a saved student/)")
+    parser.add_argument("runs", nargs="+", help="run folders (searched for results.json with a saved student/ or a "
+                        "kept score)")
     parser.add_argument("--length", type=int, default=DEFAULT_LENGTH)
     parser.add_argument("--edges", default="1,64,128,256,512", help="position bins (predicted token positions)")
     parser.add_argument("--blocks", type=int, default=16, help="held-out blocks of --length tokens")
@@ -90,9 +115,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     edges = [int(e) for e in args.edges.split(",")]
     jobs = sorted((p.parent for run in args.runs for p in Path(run).rglob("results.json")
-                   if (p.parent / "student" / "config.json").is_file()), key=str)
+                   if (has_student(p.parent) or score_path(p.parent, args.length).is_file())
+                   and json.loads(p.read_text()).get("status") == "complete"), key=str)
     if not jobs:
-        raise SystemExit(f"no results.json with a saved student/ under {args.runs}")
+        raise SystemExit(f"no results.json with a saved student/ (or a kept score) under {args.runs}")
     teacher, tokenizer = smollm2_teacher()
     results = [json.loads((folder / "results.json").read_text()) for folder in jobs]
     rows, blocks = [], None
@@ -101,8 +127,12 @@ def main(argv=None) -> None:
         name = f"{name}, seed {job.get('seed')}"
         key, path = score_key(folder, job, args), score_path(folder, args.length)
         kept = json.loads(path.read_text()) if path.is_file() and not args.rescore else {}
-        if kept.get("key") == key:
+        if kept.get("key") and kept_score_applies(kept["key"], key):
             bins, reused = kept["bins"], reused + 1
+        elif not has_student(folder):
+            print(f"{name}: its kept score is for another run or setting and its student is not here; skipped "
+                  f"(rerun the job to score it)", flush=True)
+            continue
         else:
             if blocks is None:
                 blocks = held_out_blocks(tokenizer, args.length, job)[: args.blocks]
@@ -113,6 +143,8 @@ def main(argv=None) -> None:
             del student
         rows.append((name, str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder), bins))
         print(name, [round(b["perplexity"], 1) for b in bins], flush=True)
+    if not rows:
+        raise SystemExit("no job could be scored: see the lines above")
     teacher_bins = rows[0][2]
     lines = header("Perplexity and KL by position on 512-token held-out contexts", __file__, args.threads,
                    f"{args.blocks} held-out BBC blocks of {args.length} tokens (the comparison's held-out "

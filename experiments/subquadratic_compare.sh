@@ -83,6 +83,7 @@ for name in "${names[@]}"; do
       hydra.sweep.dir="$root/$name" || { failed+=("$name"); continue; }
   # the run's students on 512-token contexts (kept in each job's context_length_512.json, which the table reads;
   # a student already scored is not scored again)
-  ${DRY:+echo} python experiments/context_length.py "$root/$name" --out "$root/$name/context_length.md"
+  ${DRY:+echo} python experiments/context_length.py "$root/$name" --out "$root/$name/context_length.md" \
+    || failed+=("$name (context_length.py)")
 done
 if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]} (see error.txt in their folders)" >&2; exit 1; fi

@@ -43,10 +43,16 @@ def _label(result: dict, common: set[str]) -> str:
     """The student's name plus the overrides this run does not share with every other run shown (not the seed)."""
     if is_teacher_control(result):
         return "teacher control (the teacher through the same stages)"
+    student, extra = _student_and_settings(result, common)
+    return student + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _student_and_settings(result: dict, common: set[str]) -> tuple[str, list[str]]:
+    """The student's short name and the overrides that set it apart from the other runs shown (not the seed)."""
     student = next((o.split("=", 1)[1] for o in _overrides(result) if o.startswith("student=")), "subquadratic/gla")
     extra = [o for o in _overrides(result) if o not in common and not o.startswith(("student=", "hydra.", "seed="))
              and not o.startswith(NOT_A_SETTING)]
-    return student.split("/")[-1] + (f" ({', '.join(extra)})" if extra else "")
+    return student.split("/")[-1], extra
 
 
 def run_labels(results: list[dict]) -> list[str]:
@@ -192,29 +198,33 @@ def _stage1_error(result: dict) -> float | None:
     return sum(errors) / len(errors) if errors else None
 
 
-def variant_rows(groups: dict[str, dict[int, dict]]) -> list[str]:
-    """The technique grid read as controls: every run labelled ``<student> (<overrides>)`` against the run of the
-    same student at its defaults and the same seed (same data order, same teacher targets), so each row isolates
-    what its overrides change. The perplexity ratio is exp(mean Δ log ppl) over the shared seeds."""
-    lines = ["| student | variant | seeds | ppl ratio to the default (per seed) | Δ KL/token | stage-1 err default → variant |",
-             "|---|---|---|---|---|---|"]
-    for label in sorted(groups):
-        if " (" not in label or label.startswith("teacher control"):
+def variant_rows(groups: dict[str, dict[int, dict]], common: set[str]) -> list[str]:
+    """The technique grid read as controls: every run with settings of its own against the run of the same student
+    whose settings are the largest subset of them (its defaults, or e.g. the RoPE-off run for a hybrid that pinned
+    RoPE off), at the same seeds (same data order, same teacher targets), so each row isolates what the remaining
+    overrides change. The perplexity ratio is exp(mean Δ log ppl) over the shared seeds."""
+    settings = {label: _student_and_settings(next(iter(runs.values())), common) for label, runs in groups.items()
+                if not label.startswith("teacher control")}
+    lines = ["| student | variant | against | seeds | ppl ratio (per seed) | Δ KL/token | stage-1 err base → variant |",
+             "|---|---|---|---|---|---|---|"]
+    for label, (student, extra) in sorted(settings.items()):
+        bases = [b for b, (s, e) in settings.items() if s == student and set(e) < set(extra)]
+        if not extra or not bases:
             continue
-        student, variant = label.split(" (", 1)
-        default = groups.get(student)
-        seeds = sorted(set(groups[label]) & set(default or {}))
+        base = max(bases, key=lambda b: len(settings[b][1]))
+        seeds = sorted(set(groups[label]) & set(groups[base]))
         if not seeds:
             continue
-        runs, bases = [groups[label][s] for s in seeds], [default[s] for s in seeds]
+        runs, bases_runs = [groups[label][s] for s in seeds], [groups[base][s] for s in seeds]
         diffs = [math.log(r["metrics"]["student/perplexity"] / b["metrics"]["student/perplexity"])
-                 for r, b in zip(runs, bases)]
+                 for r, b in zip(runs, bases_runs)]
         kl = statistics.fmean(r["metrics"]["student/kl_per_token"] - b["metrics"]["student/kl_per_token"]
-                              for r, b in zip(runs, bases))
+                              for r, b in zip(runs, bases_runs))
         errors = [statistics.fmean(e) if (e := [x for x in map(_stage1_error, group) if x is not None]) else None
-                  for group in (bases, runs)]
+                  for group in (bases_runs, runs)]
         error_text = " → ".join("–" if e is None else f"{e:.3f}" for e in errors)
-        lines.append(f"| {student} | {variant[:-1]} | {','.join(map(str, seeds))} | "
+        changed = [o for o in extra if o not in settings[base][1]]
+        lines.append(f"| {student} | {', '.join(changed)} | {base} | {','.join(map(str, seeds))} | "
                      f"{math.exp(statistics.fmean(diffs)):.2f}x ({', '.join(f'{math.exp(d):.2f}' for d in diffs)}) "
                      f"| {kl:+.3f} | {error_text} |")
     return lines if len(lines) > 2 else []
@@ -273,9 +283,9 @@ def main(argv: list[str]) -> None:
     paired = paired_rows(groups)
     if paired:
         lines += ["## Paired by seed", "", *paired, ""]
-    variants = variant_rows(groups)
+    variants = variant_rows(groups, common)
     if variants:
-        lines += ["## Each variant against its student's defaults (same seed)", "", *variants, ""]
+        lines += ["## Each variant against its student's closest run (same seeds)", "", *variants, ""]
     if args.curves:
         chosen = plot_curves(groups, args.curve_students, Path(args.curves))
         lines += [f"Recovery curves of {', '.join(chosen)}: `{args.curves}`.", ""]
