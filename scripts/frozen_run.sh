@@ -22,7 +22,7 @@ frozen=$repo/.frozen/$name
 head=$(git -C "$repo" rev-parse HEAD)
 if [ -d "$frozen" ] && [ "$(git -C "$frozen" rev-parse HEAD 2>/dev/null)" != "$head" ]; then
   for proc in /proc/[0-9]*; do  # a study still running from the old copy keeps it
-    case $(readlink "$proc/cwd" 2>/dev/null) in "$frozen"*)
+    case $(readlink "$proc/cwd" 2>/dev/null) in "$frozen" | "$frozen"/*)  # not .frozen/<name>2
       echo "a study still runs from $frozen (pid ${proc#/proc/}); give this one another name" >&2; exit 2 ;; esac
   done
   git -C "$repo" worktree remove --force "$frozen"
