@@ -43,6 +43,10 @@ def held_out_blocks(tokenizer, length: int, job: dict):
     return blocks.held_out
 
 
+def has_student(folder: Path) -> bool:
+    return (folder / "student" / "config.json").is_file()
+
+
 def student_digest(folder: Path) -> str:
     """sha256 of the saved student's files (config and weights): its score file is reused only for these bytes."""
     import hashlib
@@ -74,10 +78,6 @@ def score_key(folder: Path, job: dict, args) -> dict:
             "length": args.length, "edges": args.edges, "blocks": args.blocks,
             "split_seed": overrides.get("data.split_seed", "0"),
             "max_train_tokens": overrides.get("data.max_train_tokens", "200000")}
-
-
-def has_student(folder: Path) -> bool:
-    return (folder / "student" / "config.json").is_file()
 
 
 def kept_score_applies(kept: dict, key: dict) -> bool:

@@ -267,10 +267,10 @@ def test_a_relaunch_that_spells_the_same_config_differently_keeps_the_result(tmp
 def test_a_rerun_stopped_part_way_does_not_cost_the_finished_result(tmp_path, monkeypatch):
     """A finished result that a relaunch does not reuse (here: made with other overrides and no digests, so its
     config cannot be vouched for) is set aside while the job reruns, not deleted: stopping that rerun leaves it in
-    results.replaced.json; the rerun's own result, once written, supersedes it."""
+    results.previous.json; the rerun's own result, once written, supersedes it."""
     import hydra
 
-    from opdf_exp.runner.app import REPLACED_RESULTS_FILE, run_task
+    from opdf_exp.runner.app import PREVIOUS_RESULTS_FILE, run_task
     from tests.helpers.hydra import compose_job
 
     overrides = ["+experiment=geometric_toy_smoke", "task.train.steps=20", "task.eval.samples=1024", "logger=none"]
@@ -285,9 +285,9 @@ def test_a_rerun_stopped_part_way_does_not_cost_the_finished_result(tmp_path, mo
             patch.setattr(hydra.utils, "instantiate", stopped)
             run_task(cfg)
         assert not (tmp_path / "results.json").exists()  # never a stale result for this job...
-        assert json.loads((tmp_path / REPLACED_RESULTS_FILE).read_text()) == finished  # ...nor a lost one
+        assert json.loads((tmp_path / PREVIOUS_RESULTS_FILE).read_text()) == finished  # ...nor a lost one
         rerun = run_task(cfg)
-    assert "skipped" not in rerun and not (tmp_path / REPLACED_RESULTS_FILE).exists()
+    assert "skipped" not in rerun and not (tmp_path / PREVIOUS_RESULTS_FILE).exists()
     assert json.loads((tmp_path / "results.json").read_text())["overrides"] == overrides
 
 

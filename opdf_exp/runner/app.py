@@ -30,8 +30,7 @@ from opdf_exp.utils.io import atomic_write_json, atomic_write_text, json_digest
 
 log = logging.getLogger("opdf_exp")
 RESULTS_FILE = "results.json"
-PREVIOUS_RESULTS_FILE = "results.previous.json"
-REPLACED_RESULTS_FILE = "results.replaced.json"  # a finished result a rerun set aside until it finishes
+PREVIOUS_RESULTS_FILE = "results.previous.json"  # a finished result a rerun set aside until it finishes
 ERROR_FILE = "error.txt"
 CONFIG_TREE_FILE = "config_tree.txt"
 RESUME_MODES = ("auto", "overrides", "never")
@@ -184,13 +183,11 @@ def complete_payload(path: Path) -> dict | None:
     return payload if isinstance(payload, dict) and payload.get("status") == "complete" else None
 
 
-def previous_result(output_dir: Path, overrides: list[str] | None = None, path: Path | None = None) -> dict | None:
-    """A complete earlier result of this job's folder (``results.previous.json``, or ``path``) made with the same
-    overrides, whose config has since changed; ``None`` when there is none."""
-    payload = complete_payload(path or output_dir / PREVIOUS_RESULTS_FILE)
-    if payload is None:
-        return None
-    if overrides is not None and list(payload.get("overrides", [])) != list(overrides):
+def previous_result(output_dir: Path, overrides: list[str]) -> dict | None:
+    """The finished result a rerun of this job's folder set aside (``results.previous.json``) when it was made with
+    the same overrides (its config has since changed); ``None`` when there is none."""
+    payload = complete_payload(output_dir / PREVIOUS_RESULTS_FILE)
+    if payload is None or list(payload.get("overrides", [])) != list(overrides):
         return None
     return payload
 
@@ -312,18 +309,14 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     # composed elsewhere (a relaunch, a sweep) is checked before its first stage.
     check_trainer_config(cfg.trainer)
     check_job_config(cfg)
+    if is_global_zero() and complete_payload(results_path) is not None:
+        # A finished result this job does not reuse (other overrides or config, or resume=never) is set aside, not
+        # deleted: a rerun stopped part-way (or started by mistake) must not cost a finished result, and a
+        # multi-variant task of the same overrides reuses the rows of variants whose own config is unchanged
+        # (runner/distill_task.py). Nobody reads it as this job's result; it goes when this job's result is written.
+        os.replace(results_path, output_dir / PREVIOUS_RESULTS_FILE)
+        log.info("the earlier result of %s is kept as %s until this job finishes", output_dir, PREVIOUS_RESULTS_FILE)
     if is_global_zero():
-        if resume != "never" and previous_result(output_dir, overrides, path=results_path) is not None:
-            # a finished job of the same overrides whose config changed: a multi-variant task reuses the rows of
-            # variants whose own config is unchanged (runner/distill_task.py); nobody reads it as this job's result
-            os.replace(results_path, output_dir / PREVIOUS_RESULTS_FILE)
-        if complete_payload(results_path) is not None:
-            # a finished result this job does not reuse (other overrides or config, or resume=never) is set aside,
-            # not deleted: a rerun stopped part-way (or started by mistake) must not cost a finished result; it
-            # goes when this job's own result is written
-            os.replace(results_path, output_dir / REPLACED_RESULTS_FILE)
-            log.info("the earlier result of %s is kept as %s until this job finishes", output_dir,
-                     REPLACED_RESULTS_FILE)
         for stale in (results_path, output_dir / ERROR_FILE):
             if stale.exists():
                 stale.unlink()  # a re-used folder must never show a stale result or error for this job
@@ -350,8 +343,7 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     payload.update({k: v for k, v in result.items() if k not in payload and k != "tables"})
     if is_global_zero():
         atomic_write_json(results_path, payload)
-        for superseded in (PREVIOUS_RESULTS_FILE, REPLACED_RESULTS_FILE):
-            (output_dir / superseded).unlink(missing_ok=True)
+        (output_dir / PREVIOUS_RESULTS_FILE).unlink(missing_ok=True)
         for name, table in result.get("tables", {}).items():
             print(f"\n{name}\n{table}\n")
         log.info("results written to %s (%.1f s)", results_path, wall)

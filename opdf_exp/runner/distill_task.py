@@ -360,8 +360,11 @@ def same_variant(row: dict, variant_cfg: DictConfig, digest: str) -> bool:
 
 def reusable_rows(cfg: DictConfig) -> dict[str, dict]:
     """The variant rows of this folder's previous result (same overrides, config since changed: runner/app.py),
-    by variant name; each is reused when its ``config_digest`` equals the variant's digest now."""
-    previous = previous_result(Path(cfg.paths.output_dir))
+    by variant name; each is reused when its ``config_digest`` equals the variant's digest now. ``resume=never``
+    reuses nothing."""
+    if str(cfg.get("resume", "auto")) == "never":
+        return {}
+    previous = previous_result(Path(cfg.paths.output_dir), job_overrides())
     return {row["name"]: row for row in (previous or {}).get("variants", []) if row.get("config_digest")}
 
 
