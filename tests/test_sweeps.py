@@ -341,19 +341,22 @@ def test_a_neutral_key_keeps_the_variant_rows_of_a_multi_variant_job(tmp_path, m
         assert not same_variant(row, cfg, variant_digest(cfg))
 
 
-def test_variant_rows_are_reused_only_from_a_result_of_the_same_overrides_and_never_with_resume_never(tmp_path):
+def test_variant_rows_are_reused_only_from_a_result_of_the_same_overrides_and_never_with_resume_never(tmp_path,
+                                                                                                     monkeypatch):
     """results.previous.json holds any finished result a rerun set aside: its variant rows are reused only when it
     was made with this job's overrides, and resume=never reuses nothing."""
     from omegaconf import OmegaConf
 
     from opdf_exp.runner.app import PREVIOUS_RESULTS_FILE
+    from opdf_exp.runner import distill_task
     from opdf_exp.runner.distill_task import reusable_rows
 
+    monkeypatch.setattr(distill_task, "job_overrides", lambda: [])  # this job's overrides (no Hydra job here)
     row = {"name": "kd", "config_digest": "abc", "metrics": {"kd/test/acc": 0.9}}
     previous = {"status": "complete", "overrides": [], "variants": [row]}
     (tmp_path / PREVIOUS_RESULTS_FILE).write_text(json.dumps(previous))
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}, "resume": "auto"})
-    assert reusable_rows(cfg) == {"kd": row}  # outside Hydra this job's overrides are []
+    assert reusable_rows(cfg) == {"kd": row}
     assert reusable_rows(OmegaConf.merge(cfg, {"resume": "never"})) == {}
     (tmp_path / PREVIOUS_RESULTS_FILE).write_text(json.dumps({**previous, "overrides": ["seed=2"]}))
     assert reusable_rows(cfg) == {}
