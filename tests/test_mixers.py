@@ -177,6 +177,30 @@ def test_materialized_matrix_times_values_equals_op(name, options):
     assert rel(m @ v, o.transpose(1, 2)) < 1e-4
 
 
+@pytest.mark.parametrize("t,decay", [(70, 1.0), (100, 8.0), (1, 1.0), (16, 1.0)])
+def test_chunked_per_key_gated_matrix_equals_its_closed_form_in_float64(t, decay):
+    """GLA's matrix is built in chunks through the chunk ends (no (B, H, T, T, K) tensor); the oracle is the closed
+    form with that tensor. decay=8 per step makes exp(G) underflow long before T = 100: the chunked form only
+    ever takes exp of non-positive differences, so it stays finite and exact to rounding, for T not a multiple
+    of the chunk too; gradients flow to q, k and the decays."""
+    torch.manual_seed(t)
+    q = torch.randn(2, t, 3, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, t, 3, 8, dtype=torch.float64, requires_grad=True)
+    g = (-decay * torch.rand(2, t, 3, 8, dtype=torch.float64)).requires_grad_()
+    qh, kh, cum = (q * 0.3).transpose(1, 2), k.transpose(1, 2), g.transpose(1, 2).cumsum(2)  # (B, H, T, K)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    diff = (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))  # (B,H,T,T,K)
+    oracle = torch.einsum("bhik,bhjk,bhijk->bhij", qh, kh, diff.exp())
+    m = ops.gated_matrix(q, k, g, scale=0.3)
+    assert m.shape == (2, 3, t, t) and torch.isfinite(m).all()
+    assert (m - oracle).abs().max() < 1e-12
+    w = torch.randn_like(m)
+    got = torch.autograd.grad((m * w).sum(), (q, k, g))
+    want = torch.autograd.grad((oracle * w).sum(), (q, k, g))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-10
+
+
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("name,options", ALL, ids=ALL_IDS)
 def test_left_padding_leaves_real_tokens_unchanged(name, options, mode):
