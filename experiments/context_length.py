@@ -11,10 +11,10 @@ does. Each run folder's saved student (``<job>/student``, written by the subquad
 SmolLM2-135M teacher score the same held-out BBC stream (the task's document split, ``data.split_seed``,
 ``data.max_train_tokens``), packed into ``--length``-token blocks instead of 128. One thread by default.
 
-Each job's bins are kept in ``<job>/context_length_<length>.json``, keyed on the student's bytes, the run that trained
-it (its metrics), the data and the bins, so a rerun over a grown comparison scores only the new students, and a
-clone without the students (they are not committed) still tabulates the committed scores; ``subquadratic_table.py`` shows the
-ratio and KL of the last bin beside the 128-token numbers.
+Each job's bins are kept in ``<job>/context_length_<length>.json``, keyed on the student's bytes, the run that
+trained it (its metrics), the data and the bins, so a rerun over a grown comparison scores only the new students,
+and a clone without the students (they are not committed) still tabulates the committed scores;
+``subquadratic_table.py`` shows the ratio and KL of the last bin beside the 128-token numbers.
 """
 from __future__ import annotations
 

@@ -309,14 +309,16 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
     # composed elsewhere (a relaunch, a sweep) is checked before its first stage.
     check_trainer_config(cfg.trainer)
     check_job_config(cfg)
-    if is_global_zero() and complete_payload(results_path) is not None:
-        # A finished result this job does not reuse (other overrides or config, or resume=never) is set aside, not
-        # deleted: a rerun stopped part-way (or started by mistake) must not cost a finished result, and a
-        # multi-variant task of the same overrides reuses the rows of variants whose own config is unchanged
-        # (runner/distill_task.py). Nobody reads it as this job's result; it goes when this job's result is written.
-        os.replace(results_path, output_dir / PREVIOUS_RESULTS_FILE)
-        log.info("the earlier result of %s is kept as %s until this job finishes", output_dir, PREVIOUS_RESULTS_FILE)
     if is_global_zero():
+        if complete_payload(results_path) is not None:
+            # A finished result this job does not reuse (other overrides or config, or resume=never) is set aside,
+            # not deleted: a rerun stopped part-way (or started by mistake) must not cost a finished result, and a
+            # multi-variant task of the same overrides reuses the rows of variants whose own config is unchanged
+            # (runner/distill_task.py). Nobody reads it as this job's result; it goes when this job's result is
+            # written.
+            os.replace(results_path, output_dir / PREVIOUS_RESULTS_FILE)
+            log.info("the earlier result of %s is kept as %s until this job finishes", output_dir,
+                     PREVIOUS_RESULTS_FILE)
         for stale in (results_path, output_dir / ERROR_FILE):
             if stale.exists():
                 stale.unlink()  # a re-used folder must never show a stale result or error for this job
