@@ -7,6 +7,10 @@ each variant in its own fresh process (so the process's peak resident memory is 
   its layer's attention output (``AttentionTransferModule.layer_losses``), AdamW over the mixers.
 * **stage 1, after**: the same losses and update from activations cached once (``AttentionIO``): no teacher
   forward in the step. The cache's one-off cost per block is reported next to it.
+* **stage 1 with the matrix target (``target=matrix``), before / after**: cached activations, each mixer's mixing
+  matrix against the teacher's attention probabilities. Before: GLA's per-key-dim matrix from its closed form, a
+  (B, H, T, T, K) decay tensor (the form of ``ops.matrix`` until 2026-12-06, restored here by a patch); after: the
+  chunked form of ``ops.matrix.gated_matrix``. Only families with per-key-dim decays (GLA) differ.
 * **stage 3, before**: full-parameter end-to-end KD, the teacher's forward at every step (CE + forward KL).
 * **stage 3, after**: the sampled teacher targets (K per token, cached once) instead of the teacher's forward,
   and LoRA adapters (r = 8 on q/k/v/o and the MLPs) plus the mixers instead of every parameter.
@@ -28,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import REPO, header, run_worker, smollm2_teacher, timed, worker_or_none, write_report  # noqa: E402
 
-VARIANTS = {"stage1": ("before", "after"), "stage3": ("before", "after")}
+VARIANTS = {"stage1": ("before", "after"), "stage1_matrix": ("before", "after"), "stage3": ("before", "after")}
 
 
 def _setup(args):
@@ -43,21 +47,35 @@ def _setup(args):
     return teacher, convert(teacher, args.arch), blocks[: args.batch]
 
 
+def _closed_form_per_key_matrix(qh, kh, cum):
+    """The per-key-dim gated matrix as ``ops.matrix`` built it before 2026-12-06: a (B, H, T, T, K) decay tensor."""
+    import torch
+
+    t = qh.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=qh.device).tril()
+    diff = (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))  # (B,H,T,T,K)
+    return torch.einsum("bhik,bhjk,bhijk->bhij", qh, kh, diff.exp())
+
+
 def stage1(args) -> dict:
     import torch
 
     from opdf_exp.lit.subquadratic import AttentionTransferModule
+    from opdf_exp.mixers.ops import matrix
     from opdf_exp.subquadratic.attention_cache import collect_attention_io
 
     teacher, student, ids = _setup(args)
     extra, one_off = {}, {}
-    if args.variant == "after":
+    matrix_target = args.worker == "stage1_matrix"
+    if matrix_target and args.variant == "before":
+        matrix._per_key_matrix = _closed_form_per_key_matrix
+    if args.variant == "after" or matrix_target:
         started = time.perf_counter()
         io = collect_attention_io(teacher, ids, list(student.mixers()))
         one_off = {"cache_s_per_block": (time.perf_counter() - started) / ids.shape[0],
                    "cache_mib_per_block": io.nbytes() / ids.shape[0] / 2 ** 20}
         extra = {"activations": io}
-    module = AttentionTransferModule(student, teacher, **extra)
+    module = AttentionTransferModule(student, teacher, target="matrix" if matrix_target else "output", **extra)
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-3, weight_decay=0.0)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     index = torch.arange(ids.shape[0])
@@ -65,7 +83,7 @@ def stage1(args) -> dict:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        if args.variant == "after":
+        if "activations" in extra:
             losses.append(float(module.cached_losses(index, io, backward=True)))
         else:
             losses.append(float(module.layer_losses(batch, backward=True)))
@@ -130,7 +148,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=("before", "after"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "bench_subquadratic.md"))
     args = parser.parse_args()
-    if worker_or_none(args, lambda a: stage1(a) if a.worker == "stage1" else stage3(a)):
+    if worker_or_none(args, lambda a: stage3(a) if a.worker == "stage3" else stage1(a)):
         return
     started = time.time()
     lines = header("Subquadratic stage steps before and after issue 16", __file__, args.threads,
@@ -138,6 +156,9 @@ def main() -> None:
                    f"tokens, {args.repeats} timed steps after one warm-up, each variant in its own process.")
     titles = {"stage1": ("Stage 1 (attention transfer, every layer, one AdamW step)",
                          "teacher walked every step", "cached teacher activations"),
+              "stage1_matrix": ("Stage 1 with the matrix target (cached activations, every layer, one AdamW step)",
+                                "(B, H, T, T, K) closed form of the per-key-dim matrix",
+                                "the matrix built in chunks (ops.matrix)"),
               "stage3": ("Stage 3 (end-to-end KD: CE + forward KL, one AdamW step)",
                          "all parameters, teacher forward every step",
                          f"LoRA r=8 + mixers, {args.k} sampled teacher tokens per position (cached)")}
@@ -156,6 +177,9 @@ def main() -> None:
             lines += [f"One-off cost of the cache: {after['cache_s_per_block']:.2f} s and "
                       f"{after['cache_mib_per_block']:.1f} MiB per block (paid once, then reused by every step "
                       "and epoch).", ""]
+        elif kind == "stage1_matrix":
+            lines += ["The same losses before and after (the first loss agrees to rounding); the matrix of every "
+                      "other family is unchanged.", ""]
         else:
             lines += [f"Trainable parameters: {before['trainable']:,} before, {after['trainable']:,} after. "
                       f"One-off cost of the targets: {after['cache_s_per_block']:.2f} s per block and "
