@@ -8,9 +8,9 @@ each variant in its own fresh process (so the process's peak resident memory is 
 * **stage 1, after**: the same losses and update from activations cached once (``AttentionIO``): no teacher
   forward in the step. The cache's one-off cost per block is reported next to it.
 * **stage 1 with the matrix target (``target=matrix``), before / after**: cached activations, each mixer's mixing
-  matrix against the teacher's attention probabilities. Before: GLA's per-key-dim matrix from its closed form, a
-  (B, H, T, T, K) decay tensor (the form of ``ops.matrix`` until 2026-12-06, restored here by a patch); after: the
-  chunked form of ``ops.matrix.gated_matrix``. Only families with per-key-dim decays (GLA) differ.
+  matrix against the teacher's attention probabilities. Before: GLA's per-key-dim matrix as one chunk of T, i.e.
+  its closed form with a (B, H, T, T, K) decay tensor (how ``ops.matrix`` built it until 2026-12-06); after: the
+  chunks of about sqrt(T) that ``ops.matrix.gated_matrix`` uses. Only families with per-key-dim decays (GLA) differ.
 * **stage 3, before**: full-parameter end-to-end KD, the teacher's forward at every step (CE + forward KL).
 * **stage 3, after**: the sampled teacher targets (K per token, cached once) instead of the teacher's forward,
   and LoRA adapters (r = 8 on q/k/v/o and the MLPs) plus the mixers instead of every parameter.
@@ -47,16 +47,6 @@ def _setup(args):
     return teacher, convert(teacher, args.arch), blocks[: args.batch]
 
 
-def _closed_form_per_key_matrix(qh, kh, cum):
-    """The per-key-dim gated matrix as ``ops.matrix`` built it before 2026-12-06: a (B, H, T, T, K) decay tensor."""
-    import torch
-
-    t = qh.shape[2]
-    causal = torch.ones(t, t, dtype=torch.bool, device=qh.device).tril()
-    diff = (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf"))  # (B,H,T,T,K)
-    return torch.einsum("bhik,bhjk,bhijk->bhij", qh, kh, diff.exp())
-
-
 def stage1(args) -> dict:
     import torch
 
@@ -67,8 +57,9 @@ def stage1(args) -> dict:
     teacher, student, ids = _setup(args)
     extra, one_off = {}, {}
     matrix_target = args.worker == "stage1_matrix"
-    if matrix_target and args.variant == "before":
-        matrix._per_key_matrix = _closed_form_per_key_matrix
+    if matrix_target and args.variant == "before":  # one chunk of T: the whole (B, H, T, T, K) decay tensor
+        chunked = matrix._per_key_matrix
+        matrix._per_key_matrix = lambda qh, kh, cum: chunked(qh, kh, cum, chunk=qh.shape[2])
     if args.variant == "after" or matrix_target:
         started = time.perf_counter()
         io = collect_attention_io(teacher, ids, list(student.mixers()))

@@ -21,8 +21,6 @@ SEEDS=${SEEDS:-1}
 MIXERS=(gated_deltanet teacher_control retnet lolcats_window64 transformer deltanet mlstm mamba2 metala
         linear_attention gla)
 GRID=()
-# grid_gla_matrix: GLA's per-channel decays made its materialised (B, H, T, T) mixing matrix cost 41 s a stage-1
-# step on one thread (a (B, H, T, T, K) decay tensor) until ops.matrix built it in chunks (2026-12-06)
 for mixer in gla gated_deltanet; do
   for variant in random_init no_stage1 no_stage2 matrix; do GRID+=("grid_${mixer}_${variant}"); done
 done

@@ -194,6 +194,8 @@ def test_chunked_per_key_gated_matrix_equals_its_closed_form_in_float64(t, decay
     m = ops.gated_matrix(q, k, g, scale=0.3)
     assert m.shape == (2, 3, t, t) and torch.isfinite(m).all()
     assert (m - oracle).abs().max() < 1e-12
+    one_chunk = ops.matrix._per_key_matrix(qh, kh, cum, chunk=t)  # the benchmark's "before": the closed form
+    assert (one_chunk - oracle).abs().max() < 1e-12
     w = torch.randn_like(m)
     got = torch.autograd.grad((m * w).sum(), (q, k, g))
     want = torch.autograd.grad((oracle * w).sum(), (q, k, g))

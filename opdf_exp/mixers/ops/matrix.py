@@ -40,7 +40,7 @@ def _per_key_matrix(qh, kh, cum, chunk: int | None = None) -> torch.Tensor:
     ``e`` (the last cumulative log decay of each chunk): ``exp(G_i - G_j) = exp(G_i - e_{a-1}) exp(e_{a-1} - e_b)
     exp(e_b - G_j)``, each factor <= 1 because G falls along T, so nothing overflows and the blocks are one einsum
     over a (N, N, K) decay. Only the N diagonal blocks materialise their (C, C, K) decays. Memory O(T (C + N) K),
-    smallest at C ~ sqrt(T), instead of O(T^2 K).
+    smallest at C ~ sqrt(T), instead of O(T^2 K). ``chunk=T`` is the closed form (one diagonal block).
     """
     b, h, t, dk = qh.shape
     c = chunk or max(1, round(t ** 0.5))
@@ -58,7 +58,7 @@ def _per_key_matrix(qh, kh, cum, chunk: int | None = None) -> torch.Tensor:
     ref = torch.cat([g[:, :, :1, 0], ends[:, :, :-1]], 2)  # (B, H, N, K)
     q_in = q * (g - ref.unsqueeze(-2)).exp()  # exp(G_i - e_{a-1}) <= 1
     k_out = k * (ends.unsqueeze(-2) - g).exp()  # exp(e_b - G_j) <= 1
-    between = (ref.unsqueeze(3) - ends.unsqueeze(2))  # (B, H, N_a, N_b, K): e_{a-1} - e_b <= 0 for b < a
+    between = ref.unsqueeze(3) - ends.unsqueeze(2)  # (B, H, N_a, N_b, K): e_{a-1} - e_b <= 0 for b < a
     between = between.masked_fill(~_tril(n, q.device, -1)[..., None], float("-inf")).exp()
     off = torch.einsum("zhaik,zhack,zhcjk->zhaicj", q_in, between, k_out)  # (B, H, N, C, N, C)
     blocks = off + torch.einsum("zhnij,nm->zhnimj", diag, torch.eye(n, dtype=diag.dtype, device=diag.device))
